@@ -96,7 +96,7 @@ def _mismatch(got: Any, expected: Any, atol: float, rtol: float) -> str | None:
         where = tuple(int(i) for i in idx)
         return (
             f"{int(bad.sum())} of {bad.size} values differ; first at index {where}: "
-            f"expected {e64[where]!r}, got {g64[where]!r}"
+            f"expected {e[where].item()!r}, got {g[where].item()!r}"
         )
     return None
 
@@ -214,9 +214,10 @@ def reference_disabled(*targets: Callable[..., Any] | str) -> Iterator[None]:
                 raise TypeError(f"cannot disable {target!r}: pass a Python function or a dotted path")
         yield
     finally:
-        for func, code in swapped:
+        # Undo in reverse order, so a target given twice gets its original back.
+        for func, code in reversed(swapped):
             func.__code__ = code
-        for module, attr, original in patched:
+        for module, attr, original in reversed(patched):
             setattr(module, attr, original)
 
 

@@ -1,0 +1,164 @@
+"""Regenerate the student notebooks in notebooks/ from the solutions in solutions/.
+
+    python scripts/build_student_notebooks.py            # make student-notebooks
+    python scripts/build_student_notebooks.py --check    # exit 1 if notebooks/ is stale
+    python scripts/build_student_notebooks.py 01_affine_map
+
+Each lesson ``solutions/NN_slug.ipynb`` is one nbgrader assignment with id ``NN_slug``.
+The script lays out a throw-away nbgrader course directory in a temporary folder
+(``source/NN_slug/NN_slug.ipynb``), runs nbgrader's own ``GenerateAssignment``
+converter with the settings in ``nbgrader_config.py`` (solution regions become
+``raise NotImplementedError()``, hidden tests are removed, test cells are locked,
+outputs are cleared) and copies ``release/NN_slug/NN_slug.ipynb`` to
+``notebooks/NN_slug.ipynb``. solutions/ is only read, and the gradebook.db nbgrader
+creates lives and dies in the temporary folder.
+
+The result depends only on the solution notebook, so running the script twice gives
+the same bytes; ``tests/test_student_notebooks.py`` relies on that to detect a stale
+notebooks/ folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from nbgrader.converters import GenerateAssignment
+from nbgrader.coursedir import CourseDirectory
+from nbgrader.utils import capture_log
+from traitlets.config import Config
+from traitlets.config.loader import PyFileConfigLoader
+
+ROOT = Path(__file__).resolve().parent.parent
+SOLUTIONS = ROOT / "solutions"
+NOTEBOOKS = ROOT / "notebooks"
+CONFIG_FILE = ROOT / "nbgrader_config.py"
+LESSON_NAME = re.compile(r"^\d\d_[a-z0-9_]+$")
+
+# nbgrader's Gradebook runs the `alembic` command found on PATH; when this script is
+# started as .venv/bin/python without an activated venv, that command is only found
+# next to the interpreter.
+_BIN = str(Path(sys.executable).parent)
+if _BIN not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
+
+__all__ = [
+    "ROOT",
+    "SOLUTIONS",
+    "NOTEBOOKS",
+    "NbgraderError",
+    "lesson_ids",
+    "nbgrader_config",
+    "generate_assignments",
+    "build",
+    "stale_notebooks",
+]
+
+
+class NbgraderError(RuntimeError):
+    """nbgrader reported a failure; the message carries its log."""
+
+
+def lesson_ids() -> list[str]:
+    """Assignment ids (``NN_slug``) of every solution notebook, in lesson order."""
+    return sorted(p.stem for p in SOLUTIONS.glob("*.ipynb") if LESSON_NAME.match(p.stem))
+
+
+def nbgrader_config(course_root: Path) -> Config:
+    """The course's nbgrader_config.py, pointed at a private course directory."""
+    config = PyFileConfigLoader(CONFIG_FILE.name, path=str(CONFIG_FILE.parent)).load_config()
+    config.CourseDirectory.root = str(course_root)
+    # Spelled out so that no default can ever resolve to the repository.
+    config.CourseDirectory.db_url = f"sqlite:///{course_root / 'gradebook.db'}"
+    return config
+
+
+def _run(converter: GenerateAssignment, what: str) -> None:
+    result = capture_log(converter)
+    if not result["success"]:
+        raise NbgraderError(f"nbgrader {what} failed:\n{result.get('log', '')}{result.get('error', '')}")
+
+
+def generate_assignments(
+    course_root: Path, lessons: Iterable[str], *, config: Config | None = None
+) -> dict[str, Path]:
+    """Run nbgrader generate_assignment for each lesson inside ``course_root``.
+
+    Copies ``solutions/<id>.ipynb`` to ``course_root/source/<id>/<id>.ipynb``, records
+    the assignment in ``course_root/gradebook.db`` and returns the path of each
+    released (student) notebook, ``course_root/release/<id>/<id>.ipynb``.
+    """
+    config = config or nbgrader_config(course_root)
+    released: dict[str, Path] = {}
+    for lesson in lessons:
+        solution = SOLUTIONS / f"{lesson}.ipynb"
+        if not solution.is_file():
+            raise FileNotFoundError(f"no solution notebook for lesson {lesson!r}: {solution.name}")
+        source_dir = course_root / "source" / lesson
+        source_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(solution, source_dir / solution.name)
+
+        coursedir = CourseDirectory(config=config)
+        coursedir.assignment_id = lesson
+        converter = GenerateAssignment(coursedir=coursedir, config=config)
+        converter.force = True  # the release folder is ours and temporary
+        _run(converter, f"generate_assignment {lesson}")
+        released[lesson] = course_root / "release" / lesson / solution.name
+    return released
+
+
+def build(dest: Path = NOTEBOOKS, lessons: Iterable[str] | None = None) -> list[Path]:
+    """Write the student version of each lesson to ``dest/<id>.ipynb``; return the paths."""
+    lessons = list(lessons) if lessons is not None else lesson_ids()
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    with tempfile.TemporaryDirectory(prefix="nbgrader-release-") as tmp:
+        for released in generate_assignments(Path(tmp), lessons).values():
+            target = dest / released.name
+            # copyfile, not copy: the student notebook must stay writable for the learner.
+            shutil.copyfile(released, target)
+            written.append(target)
+    return written
+
+
+def stale_notebooks(lessons: Iterable[str] | None = None) -> list[str]:
+    """Lessons whose notebooks/<id>.ipynb differs from a fresh build (or is missing)."""
+    lessons = list(lessons) if lessons is not None else lesson_ids()
+    stale = []
+    with tempfile.TemporaryDirectory(prefix="student-notebooks-") as tmp:
+        for path in build(Path(tmp), lessons):
+            current = NOTEBOOKS / path.name
+            if not current.is_file() or current.read_bytes() != path.read_bytes():
+                stale.append(path.stem)
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("lessons", nargs="*", help="lesson ids such as 01_affine_map (default: all)")
+    parser.add_argument("--check", action="store_true", help="only report stale notebooks, write nothing")
+    args = parser.parse_args(argv)
+    lessons = args.lessons or lesson_ids()
+    unknown = [lesson for lesson in lessons if not (SOLUTIONS / f"{lesson}.ipynb").is_file()]
+    if unknown:
+        parser.error(f"no solution notebook for {unknown}; known lessons: {lesson_ids()}")
+    if args.check:
+        stale = stale_notebooks(lessons)
+        for lesson in stale:
+            print(f"notebooks/{lesson}.ipynb is out of date: run `make student-notebooks`")
+        if not stale:
+            print(f"notebooks/ is up to date ({len(lessons)} lesson{'' if len(lessons) == 1 else 's'})")
+        return 1 if stale else 0
+    for path in build(NOTEBOOKS, lessons):
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The grading helpers: visible checks and switching references off for hidden tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import course_lib.quant
+from course_lib import grading
+from course_lib.grading import ExerciseError, ReferenceDisabledError
+from course_lib.quant import quantize as aliased_quantize
+
+X = torch.tensor([0.125, -0.375, 1.0, 3.1])
+CASES = [
+    {"x": X, "scale": 0.25, "zero_point": 0},
+    {"x": X, "scale": 0.2, "zero_point": 3},
+]
+
+
+def reference(x, scale, zero_point):
+    return course_lib.quant.quantize(x, scale, zero_point)
+
+
+def correct(x, scale, zero_point):
+    q = torch.round(x * torch.reciprocal(torch.tensor(scale, dtype=torch.float32))) + zero_point
+    return q.clamp(-128, 127).to(torch.int32)
+
+
+def divides(x, scale, zero_point):  # the tempting wrong rule: x / s instead of x * (1/s)
+    q = torch.round(x / torch.tensor(scale, dtype=torch.float32)) + zero_point
+    return q.clamp(-128, 127).to(torch.int32)
+
+
+def stub(x, scale, zero_point):
+    raise NotImplementedError()
+
+
+# ------------------------------------------------------------ check_function
+
+
+def test_check_function_passes_a_correct_function(capsys) -> None:
+    grading.check_function(correct, reference, CASES, name="quantize")
+    assert "✔ quantize: all 2 cases match (exact)" in capsys.readouterr().out
+
+
+def test_check_function_fails_a_stub_saying_it_is_not_implemented() -> None:
+    with pytest.raises(ExerciseError, match="quantize is not implemented yet") as info:
+        grading.check_function(stub, reference, CASES, name="quantize")
+    assert "NotImplementedError" in str(info.value)
+
+
+def test_check_function_reports_the_failing_input_expected_and_received() -> None:
+    # divides agrees on the first case (exact ties with s = 1/4) and fails on the second,
+    # where 3.1 / 0.2 = 15.499999 rounds to 15 but PyTorch gives 16.
+    with pytest.raises(ExerciseError) as info:
+        grading.check_function(divides, reference, CASES, name="quantize")
+    message = str(info.value)
+    assert "scale=0.2" in message and "zero_point=3" in message
+    assert "1 of 4 values differ; first at index (3,): expected 19, got 18" in message
+    assert "tolerance: exact" in message
+
+
+def test_check_function_reports_an_exception_with_its_input() -> None:
+    def crashes(x, scale, zero_point):
+        return x.reshape(3)
+
+    with pytest.raises(ExerciseError, match=r"raised RuntimeError.*") as info:
+        grading.check_function(crashes, reference, CASES[:1], name="quantize")
+    assert "scale=0.25" in str(info.value)
+
+
+def test_check_function_needs_cases() -> None:
+    with pytest.raises(ValueError, match="at least one case"):
+        grading.check_function(correct, reference, [])
+
+
+# ------------------------------------------------------------ check
+
+
+def test_check_explains_common_mistakes() -> None:
+    expected = torch.tensor([1, 2, 3], dtype=torch.int32)
+    with pytest.raises(ExerciseError, match="forget to `return`"):
+        grading.check("q", None, expected)
+    with pytest.raises(ExerciseError, match=r"shape \(2,\) differs from the expected \(3,\)"):
+        grading.check("q", torch.tensor([1, 2], dtype=torch.int32), expected)
+    with pytest.raises(ExerciseError, match="dtype torch.float32 differs"):
+        grading.check("q", expected.float(), expected)
+    with pytest.raises(ExerciseError, match="contains NaN"):
+        grading.check("x", torch.tensor([float("nan")]), torch.tensor([1.0]))
+    with pytest.raises(ExerciseError, match="item 1:"):
+        grading.check("qparams", (1.0, 2), (1.0, 3))
+
+
+def test_check_shows_plain_numbers() -> None:
+    # numpy 2 would print np.float32(0.5); the learner should read 0.5
+    with pytest.raises(ExerciseError, match=r"expected 0\.5, got 0\.25\."):
+        grading.check("x", torch.tensor([0.25]), torch.tensor([0.5]))
+
+
+def test_check_tolerance(capsys) -> None:
+    grading.check("x", torch.tensor([1.0005]), torch.tensor([1.0]), atol=1e-3)
+    assert "atol=0.001" in capsys.readouterr().out
+    with pytest.raises(ExerciseError, match="atol=0.0001"):
+        grading.check("x", torch.tensor([1.0005]), torch.tensor([1.0]), atol=1e-4)
+
+
+# ------------------------------------------------------------ reference_disabled
+
+
+def test_reference_disabled_reaches_aliased_imports_and_restores_them() -> None:
+    with grading.reference_disabled(course_lib.quant.quantize):
+        with pytest.raises(ReferenceDisabledError, match="switched off"):
+            aliased_quantize(X, 0.25, 0)  # bound by `from ... import ... as ...`
+        with pytest.raises(ReferenceDisabledError):
+            course_lib.quant.quantize(X, 0.25, 0)
+        # a learner's own code still runs
+        assert correct(X, 0.25, 0).tolist() == [0, -2, 4, 12]
+    assert aliased_quantize(X, 0.25, 0).tolist() == [0, -2, 4, 12]
+
+
+def test_reference_disabled_restores_after_an_exception() -> None:
+    with pytest.raises(ExerciseError):
+        with grading.reference_disabled(course_lib.quant.quantize, "torch.quantize_per_tensor"):
+            raise ExerciseError("a hidden test failed")
+    assert aliased_quantize(X, 0.25, 0).tolist() == [0, -2, 4, 12]
+    q = torch.quantize_per_tensor(X, 0.25, 0, torch.qint8)
+    assert q.int_repr().tolist() == [0, -2, 4, 12]
+
+
+def test_reference_disabled_patches_dotted_paths() -> None:
+    original = torch.quantize_per_tensor
+    with grading.reference_disabled("torch.quantize_per_tensor"):
+        with pytest.raises(ReferenceDisabledError):
+            torch.quantize_per_tensor(X, 0.25, 0, torch.qint8)
+    assert torch.quantize_per_tensor is original
+
+
+def test_reference_disabled_survives_a_target_given_twice() -> None:
+    with grading.reference_disabled(course_lib.quant.quantize, course_lib.quant.quantize):
+        with pytest.raises(ReferenceDisabledError):
+            aliased_quantize(X, 0.25, 0)
+    assert aliased_quantize(X, 0.25, 0).tolist() == [0, -2, 4, 12]
+    original = torch.quantize_per_tensor
+    with grading.reference_disabled("torch.quantize_per_tensor", "torch.quantize_per_tensor"):
+        pass
+    assert torch.quantize_per_tensor is original
+
+
+def test_check_function_lets_reference_disabled_through() -> None:
+    # An answer that forwards to the library must fail as "disabled", not as a bug.
+    def forwards(x, scale, zero_point):
+        return course_lib.quant.quantize(x, scale, zero_point)
+
+    with grading.reference_disabled(course_lib.quant.quantize):
+        with pytest.raises(ReferenceDisabledError):
+            grading.check_function(forwards, correct, CASES, name="quantize")
+
+
+def test_reference_disabled_rejects_what_it_cannot_disable() -> None:
+    with pytest.raises(TypeError, match="cannot disable"):
+        with grading.reference_disabled(torch.round):  # a builtin has no Python code
+            pass
