@@ -49,6 +49,7 @@ __all__ = [
     "exact_int_matmul",
     "fake_quantize_tflite",
     "fbgemm_emulation",
+    "fbgemm_tinycnn_emulation",
     "fold_batchnorm",
     "fused_activation_range",
     "im2col",
@@ -970,6 +971,27 @@ def fbgemm_emulation(layer: IntegerLayer, x_q: np.ndarray, *, saturate: bool = T
         wo = (x_q.shape[3] + 2 * layer.padding - kw) // layer.stride + 1
         y = y.reshape(n, ho, wo, -1).transpose(0, 3, 1, 2)
     return y, saturated
+
+
+def fbgemm_tinycnn_emulation(
+    net: IntegerTinyCNN, images: torch.Tensor | np.ndarray, *, saturate: bool = True, batch_size: int = 250
+) -> np.ndarray:
+    """int8 logits of ``net`` with every layer computed as fbgemm's x86 kernel does.
+
+    Each conv and the classifier go through :func:`fbgemm_emulation`: ``saturate=True``
+    is the AVX2 path (``vpmaddubsw``: u8×s8 pair sums clipped to int16), ``saturate=False``
+    the AVX-512 VNNI path (``vpdpbusd``: int32 throughout). The input is quantized with
+    ``net.quantize_input`` and max-pooling is :func:`int8_max_pool2d`, as in
+    :meth:`IntegerTinyCNN.forward_int8`. This shows what an AVX2 CPU computes on any CPU.
+    """
+    x_q = net.quantize_input(images)
+    outs = []
+    for start in range(0, x_q.shape[0], batch_size):
+        h, _ = fbgemm_emulation(net.conv1, x_q[start:start + batch_size], saturate=saturate)
+        h, _ = fbgemm_emulation(net.conv2, int8_max_pool2d(h, net.pool), saturate=saturate)
+        h = int8_max_pool2d(h, net.pool)
+        outs.append(fbgemm_emulation(net.fc, h.reshape(h.shape[0], -1), saturate=saturate)[0])
+    return np.concatenate(outs)
 
 
 def torch_quantized_tinycnn(net: IntegerTinyCNN) -> nn.Sequential:

@@ -683,6 +683,25 @@ def test_torch_quantized_tinycnn_within_one_step_at_7_bits(integer_tinycnn) -> N
     assert net7.conv1.input_scale > 1.9 * K.IntegerTinyCNN.from_float(model, calib).conv1.input_scale
 
 
+@needs_x86
+@pytest.mark.slow
+def test_fbgemm_tinycnn_emulation_is_pytorch_on_this_cpu(integer_tinycnn) -> None:
+    # On every x86 CPU PyTorch's fbgemm equals one of the two emulated paths, and at 8 bits
+    # the AVX2 path saturates conv1's pair sums: many logits move, by several steps.
+    torch.backends.quantized.engine = "x86"
+    _, net, test_x, _ = integer_tinycnn
+    x = test_x[:200]
+    with torch.no_grad():
+        q = K.int8_to_quint8(net.quantize_input(x), net.input_scale, net.input_zero_point)
+        theirs = K.quint8_to_int8(K.torch_quantized_tinycnn(net)(q))
+    avx2 = K.fbgemm_tinycnn_emulation(net, x, batch_size=64)
+    vnni = K.fbgemm_tinycnn_emulation(net, x, saturate=False)
+    assert np.array_equal(theirs, avx2) or np.array_equal(theirs, vnni)
+    assert np.abs(vnni.astype(np.int64) - net(x)).max() <= 1  # without saturation: rounding only
+    moved = np.abs(avx2.astype(np.int64) - net(x))
+    assert moved.max() >= 5 and (moved > 0).mean() > 0.5
+
+
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 def test_integer_layer_is_the_kernel(kind: str) -> None:
     rng = np.random.default_rng(5)
