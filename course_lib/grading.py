@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -33,6 +34,17 @@ _MAX_SHOWN = 8  # values shown of a tensor in a message
 
 class ExerciseError(AssertionError):
     """A visible check failed: the message says which input, what was expected and what came back."""
+
+    def _render_traceback_(self) -> list[str]:
+        """What IPython shows: the message alone, not a traceback through this module.
+
+        The message already names the check, the input and both values. When the
+        learner's own code raised (the error has a ``__cause__``), the traceback into
+        that code is what helps, so it is shown in full.
+        """
+        if self.__cause__ is not None:
+            return [chunk.rstrip("\n") for chunk in traceback.format_exception(self)]
+        return ["\x1b[0;31mExerciseError\x1b[0m: " + str(self)]
 
 
 class ReferenceDisabledError(RuntimeError):

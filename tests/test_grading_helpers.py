@@ -160,3 +160,16 @@ def test_reference_disabled_rejects_what_it_cannot_disable() -> None:
     with pytest.raises(TypeError, match="cannot disable"):
         with grading.reference_disabled(torch.round):  # a builtin has no Python code
             pass
+
+
+def test_exercise_error_renders_as_its_message_in_ipython() -> None:
+    plain = ExerciseError("quantize for x=1: 1 of 3 values differ")
+    assert plain._render_traceback_() == ["\x1b[0;31mExerciseError\x1b[0m: quantize for x=1: 1 of 3 values differ"]
+    try:  # the learner's own exception: IPython must show the real traceback instead
+        try:
+            raise ZeroDivisionError("in the learner's code")
+        except ZeroDivisionError as exc:
+            raise ExerciseError("quantize(x=1) raised ZeroDivisionError") from exc
+    except ExerciseError as chained:
+        shown = "\n".join(chained._render_traceback_())
+        assert "ZeroDivisionError: in the learner's code" in shown and "direct cause" in shown
