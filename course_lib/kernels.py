@@ -57,6 +57,7 @@ __all__ = [
     "int8_linear",
     "int8_max_pool2d",
     "int8_to_quint8",
+    "integer_layer_from_codes",
     "linear_accumulator",
     "multiply_by_quantized_multiplier",
     "multiply_by_quantized_multiplier_single_rounding",
@@ -723,13 +724,44 @@ def quantize_layer(
     weight_scale = scale.numpy().astype(np.float32)
     weight_q = quantize_tflite(w.astype(np.float32), weight_scale, np.zeros(out_channels, np.int64),
                                qmin=WEIGHT_QMIN, qmax=WEIGHT_QMAX, axis=0)
+    return integer_layer_from_codes(
+        weight_q, weight_scale, bias, input_scale=input_scale, input_zero_point=input_zero_point,
+        output_scale=output_scale, output_zero_point=output_zero_point, activation=activation,
+        stride=stride, padding=padding, groups=groups, qmin=qmin, qmax=qmax,
+    )
+
+
+def integer_layer_from_codes(
+    weight_q: np.ndarray,
+    weight_scale: np.ndarray,
+    bias: torch.Tensor | None,
+    *,
+    input_scale: float,
+    input_zero_point: int,
+    output_scale: float,
+    output_zero_point: int,
+    activation: str | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    qmin: int = INT8_MIN,
+    qmax: int = INT8_MAX,
+) -> IntegerLayer:
+    """An :class:`IntegerLayer` around weight codes already chosen (any bit-width, any scales).
+
+    ``weight_scale`` holds one float32 scale per output channel. Bias: :func:`quantize_bias`
+    (int32, scale ``S_in · S_w[o]``, zero point 0). Multipliers: :func:`quantize_multipliers`
+    of ``S_in · S_w / S_out``, computed in float64 from the float32 scales. The activation
+    becomes the clamp of :func:`fused_activation_range` within ``[qmin, qmax]``.
+    """
+    out_channels = weight_q.shape[0]
     b = bias if bias is not None else torch.zeros(out_channels)
     bias_q = quantize_bias(b, input_scale, weight_scale)
     real = np.float64(np.float32(input_scale)) * weight_scale.astype(np.float64) / np.float64(np.float32(output_scale))
     m0, shift = quantize_multipliers(real)
     lo, hi = fused_activation_range(activation, float(output_scale), int(output_zero_point), qmin, qmax)
     return IntegerLayer(
-        kind="conv" if w.ndim == 4 else "linear",
+        kind="conv" if weight_q.ndim == 4 else "linear",
         weight_q=weight_q, weight_scale=weight_scale, bias_q=bias_q,
         input_scale=float(np.float32(input_scale)), input_zero_point=int(input_zero_point),
         output_scale=float(np.float32(output_scale)), output_zero_point=int(output_zero_point),

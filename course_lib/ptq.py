@@ -54,9 +54,7 @@ from course_lib.kernels import (
     INT32_MIN,
     IntegerLayer,
     IntegerTinyCNN,
-    fused_activation_range,
-    quantize_bias,
-    quantize_multipliers,
+    integer_layer_from_codes,
     quantize_tflite,
 )
 
@@ -353,19 +351,9 @@ def quantize_integer_layer(
     """
     (s_in, z_in), (s_out, z_out) = input_qparams, output_qparams
     weight_q, weight_scale = quantize_weight_codes(weight, w_bits, granularity)
-    out_channels = weight_q.shape[0]
-    b = bias if bias is not None else torch.zeros(out_channels)
-    bias_q = quantize_bias(b, s_in, weight_scale)
-    real = np.float64(np.float32(s_in)) * weight_scale.astype(np.float64) / np.float64(np.float32(s_out))
-    m0, shift = quantize_multipliers(real)
-    lo, hi = fused_activation_range(activation, float(s_out), int(z_out))
-    return IntegerLayer(
-        kind="conv" if weight_q.ndim == 4 else "linear",
-        weight_q=weight_q, weight_scale=weight_scale, bias_q=bias_q,
-        input_scale=float(np.float32(s_in)), input_zero_point=int(z_in),
-        output_scale=float(np.float32(s_out)), output_zero_point=int(z_out),
-        output_multiplier=m0, output_shift=shift, activation_min=lo, activation_max=hi,
-        padding=padding,
+    return integer_layer_from_codes(
+        weight_q, weight_scale, bias, input_scale=s_in, input_zero_point=z_in,
+        output_scale=s_out, output_zero_point=z_out, activation=activation, padding=padding,
     )
 
 
