@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -345,16 +346,20 @@ def select_cell(page: Page, index: int) -> None:
 
 # IPython prints this header above every traceback it renders.
 TRACEBACK_HEADER = "Traceback (most recent call last)"
+ERROR_LINE = re.compile(r"\w+(Error|Exception): ")
 
 
 def shows_error(state: dict[str, Any]) -> bool:
     """True when a code cell's rendered output holds a traceback (an error output).
 
     JupyterLab renders error outputs with the stderr mime type, like warnings; the
-    traceback header and the ``Cell In[n]`` line tell an error from a warning.
+    traceback header and the ``Cell In[n]`` line tell an error from a warning. A failed
+    visible check renders as its message alone (``ExerciseError._render_traceback_``),
+    so an output that starts with ``SomeError: `` counts too.
     """
     return any(
         o["mime"] == "application/vnd.jupyter.stderr"
-        and (TRACEBACK_HEADER in o["text"] or "Cell In[" in o["text"])
+        and (TRACEBACK_HEADER in o["text"] or "Cell In[" in o["text"]
+             or ERROR_LINE.match(o["text"].lstrip()) is not None)
         for o in state.get("outputs", [])
     )

@@ -235,7 +235,12 @@ def test_student_notebook_check_reports_the_stub(
         f"{shown[-800:]}"
     )
     cell = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell").nth(first)
-    cell.locator(".jp-OutputArea").scroll_into_view_if_needed()
+    # JupyterLab lays out its windowed notebook lazily: scroll, let it settle, scroll again,
+    # so that the check's one-line ExerciseError message is on the screenshot.
+    output = cell.locator(".jp-OutputArea")
+    for _ in range(2):
+        output.scroll_into_view_if_needed()
+        page.wait_for_timeout(400)
     page.screenshot(path=artifacts / "01_student_check_on_stub.png")
 
     # Run All stops at a failing cell; a learner carries on below it, as done here.
