@@ -21,6 +21,22 @@ if str(ROOT) not in _paths:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *_paths])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors, restored afterwards.
+
+    torch runs an OpenMP parallel region even for 30 values; on a busy 2-core machine
+    each call then waits ~30 ms for a second thread (3 µs alone). Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Report each executed notebook's run time (the sum of its nbval items); flag slow ones.
 

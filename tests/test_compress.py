@@ -23,14 +23,7 @@ from course_lib import compress as C
 from course_lib import granularity
 from course_lib.models import TinyCNN, model_size_bytes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: a second intra-op thread only adds contention on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one thread
 
 
 def tiny_model(seed: int = 0) -> nn.Module:

@@ -24,14 +24,7 @@ PROPERTY = settings(max_examples=100, deadline=None)
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # torch.quantize_per_tensor runs an OpenMP parallel region even for 30 values;
-    # on a busy 2-core machine each call then waits ~30 ms for a thread (3 µs alone).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one thread
 
 
 def seeded(seed: int) -> torch.Generator:
