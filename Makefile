@@ -1,24 +1,56 @@
 # One command for each routine job. Every target creates or reuses .venv first.
 SHELL := /bin/bash
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# pyproject.toml: requires-python = ">=3.11,<3.12"; the pins in requirements.txt are for 3.11.
+PYTHON_VERSION := 3.11
+PYTHON ?= $(shell command -v python$(PYTHON_VERSION) || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.course-installed
 
-.PHONY: setup lab test test-fast student-notebooks grade checkpoints data bench lint clean
+.PHONY: setup python-check lab test test-fast student-notebooks grade release checkpoints data bench lint clean
 
 ## setup: create .venv (or reuse it) with the pinned working set and course_lib
-setup: $(STAMP)
+setup: python-check $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+# Fails early, before anything is installed, when the interpreter that makes (or made)
+# .venv is not Python $(PYTHON_VERSION), and says how to point make at one.
+python-check:
+	@fix="make $(or $(MAKECMDGOALS),setup) PYTHON=/path/to/python$(PYTHON_VERSION)"; \
+	 if [ -x $(BIN)/python ]; then py="$(BIN)/python"; what="$(BIN)/python"; \
+	 else py="$(PYTHON)"; what="PYTHON=$(PYTHON)"; fi; \
+	 if [ -z "$$py" ]; then \
+	   echo "make: the course needs Python $(PYTHON_VERSION), and there is no python$(PYTHON_VERSION) or python3 on PATH." >&2; \
+	   echo "      Install Python $(PYTHON_VERSION), or name one: $$fix" >&2; exit 1; fi; \
+	 found=$$("$$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); \
+	 [ "$$found" = "$(PYTHON_VERSION)" ] && exit 0; \
+	 echo "make: the course needs Python $(PYTHON_VERSION) (pyproject.toml: requires-python >=3.11,<3.12)," >&2; \
+	 echo "      but $$what is $${found:+Python }$${found:-not a working Python}." >&2; \
+	 if [ "$$py" = "$(BIN)/python" ]; then \
+	   echo "      $(VENV) was made with it: remove it (make clean), then" >&2; fi; \
+	 echo "      install Python $(PYTHON_VERSION), or name one: $$fix" >&2; exit 1
+
+$(STAMP): requirements.txt pyproject.toml | python-check
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -e .
 	@touch $(STAMP)
 
-## lab: set up, then open the course in JupyterLab
+# `make lab` options. LAB_ARGS passes more, e.g. in a container reached from its host:
+# make lab LAB_ARGS="--ip=0.0.0.0 --no-browser". The browser test starts its server
+# through this target (LAB_ROOT = a temporary folder, LAB_ARGS = port and token).
+LAB_ROOT ?= $(CURDIR)
+LAB_ARGS ?=
+# JupyterLab refuses to run as root without --allow-root; containers and CI run as root.
+LAB_ALLOW_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)
+# .jupyter/ holds the lab's course settings: nbgrader's Validate button for learners,
+# not the instructor's formgrader, course list and create-assignment tools.
+LAB_CONFIG := $(CURDIR)/.jupyter
+
+## lab: set up, then open the course in JupyterLab (on notebooks/)
 lab: setup
-	$(BIN)/jupyter lab --ServerApp.root_dir=$(CURDIR) --ServerApp.default_url=/lab/tree/notebooks
+	JUPYTER_CONFIG_PATH="$(LAB_CONFIG)$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+	  $(BIN)/jupyter lab $(LAB_ALLOW_ROOT) --ServerApp.root_dir="$(LAB_ROOT)" \
+	  --ServerApp.default_url=/lab/tree/notebooks $(LAB_ARGS)
 
 ## test: set up, then run the whole test suite (unit tests, every solution notebook, grading, browser)
 test: setup
@@ -37,6 +69,11 @@ grade: setup
 	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=path/to/submitted"; exit 2; }
 	$(BIN)/python scripts/grade.py "$(SUBMISSIONS)"
 
+## release: write the student release (notebooks, course_lib, data, set-up; no solutions or hidden tests) to DEST
+release: setup
+	@test -n "$(DEST)" || { echo "usage: make release DEST=path/to/new/folder"; exit 2; }
+	$(BIN)/python scripts/make_release.py "$(DEST)"
+
 ## checkpoints: retrain the shipped float checkpoints (deterministic, a few minutes)
 checkpoints: setup
 	$(BIN)/python scripts/train_checkpoints.py
@@ -49,9 +86,10 @@ data: setup
 bench: setup
 	$(BIN)/python scripts/benchmark_deploy.py
 
-## lint: ruff over the library, scripts, tests and solution notebooks
+## lint: ruff over every Python file and solution notebook; what it covers is set once, in
+## pyproject.toml's [tool.ruff] (tests/test_repo.py runs this same command)
 lint: setup
-	$(BIN)/ruff check course_lib scripts tests solutions
+	$(BIN)/ruff check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

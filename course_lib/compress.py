@@ -38,7 +38,20 @@ Lesson 07 uses four pieces, each a few short functions:
    whole output channels by their L1/L2 norm (:func:`channel_mask`). The number pruned
    is ``round(sparsity · n)`` with Python's round (half to even), as in
    ``torch.nn.utils.prune``. Then quantize, and count real bytes with an encoding
-   (:func:`encode_weights`) written to a file.
+   (:func:`encode_weights`) written to a file. How much each layer can lose is measured
+   like its bit sensitivity (:func:`pruning_sensitivity`), and the same knapsack chooses
+   one sparsity per layer (:func:`allocate_sparsities`).
+
+5. **k-means (codebook) quantization** (Han et al., *Deep Compression*, ICLR 2016). Each
+   layer's weights are clustered into ``2^b`` centroids by 1-D k-means
+   (:func:`kmeans_1d`); the layer stores a ``b``-bit index per weight and the ``2^b``
+   float32 centroids:
+
+       bytes = ceil(numel · b / 8) + 4 · 2^b
+
+   With the indices fixed, the centroids are then fine-tuned by gradient descent
+   (:func:`fine_tune_centroids`): a centroid's gradient is the sum of the gradients of
+   the weights that share it.
 """
 
 from __future__ import annotations
@@ -65,17 +78,26 @@ __all__ = [
     "ENCODINGS",
     "FLOAT_BITS",
     "PRUNING_METHODS",
+    "Codebook",
+    "PruningSensitivity",
     "Sensitivity",
     "allocate_bits",
     "allocate_bits_brute_force",
     "allocate_bits_greedy",
+    "allocate_sparsities",
     "allocation_cost",
     "allocation_size",
     "apply_masks",
     "channel_mask",
+    "codebook_model_bytes",
+    "codebook_weights",
     "decode_weights",
     "encode_weights",
+    "fine_tune_centroids",
     "global_magnitude_masks",
+    "kmeans_1d",
+    "kmeans_codebook",
+    "kmeans_codebooks",
     "layer_sensitivity",
     "layer_sizes",
     "logits_of",
@@ -86,7 +108,9 @@ __all__ = [
     "plain_log_xaxis",
     "plot_pareto",
     "plot_sensitivity",
+    "pruned_weights",
     "pruning_masks",
+    "pruning_sensitivity",
     "quantized_weights",
     "sensitivity_sweep",
     "top1",
@@ -263,6 +287,19 @@ def sensitivity_sweep(
 
 def _sweep(model: nn.Module, images: Tensor, labels: Tensor, bits: Sequence[int], progress: bool,
            reuse_activations: bool) -> dict[str, dict[int, Sensitivity]]:
+    def quantize(name: str, b: int) -> contextlib.AbstractContextManager:
+        return quantized_weights(model, {name: b})
+
+    measured = _one_layer_at_a_time(model, images, labels, bits, quantize, progress, reuse_activations,
+                                    "sensitivity")
+    return {n: {b: Sensitivity(n, b, *m) for b, m in row.items()} for n, row in measured.items()}
+
+
+def _one_layer_at_a_time(model: nn.Module, images: Tensor, labels: Tensor, settings: Sequence,
+                         change, progress: bool, reuse_activations: bool,
+                         desc: str) -> dict[str, dict[object, tuple[float, float]]]:
+    """``{layer: {setting: (accuracy, relative MSE)}}`` with ``change(layer, setting)`` (a
+    context manager that alters that layer's weight) applied to one layer at a time."""
     names = list(weight_layers(model))
     cache = None
     if reuse_activations:
@@ -271,21 +308,17 @@ def _sweep(model: nn.Module, images: Tensor, labels: Tensor, bits: Sequence[int]
         except torch.fx.proxy.TraceError:  # data-dependent control flow: run whole forwards instead
             cache = None
     reference = cache.logits if cache is not None else logits_of(model, images)
-    pairs = [(n, b) for n in names for b in bits]
+    pairs = [(n, v) for n in names for v in settings]
     if progress:
         from tqdm.auto import tqdm
 
-        pairs = tqdm(pairs, desc="sensitivity", unit="eval")
-    sweep: dict[str, dict[int, Sensitivity]] = {n: {} for n in names}
-    for name, b in pairs:
-        if cache is None:
-            acc, rel = layer_sensitivity(model, name, b, images, labels, reference)
-        else:
-            with quantized_weights(model, {name: b}):
-                logits = cache.logits_with(name)
-            acc, rel = top1(logits, labels), granularity.relative_mse(reference, logits)
-        sweep[name][b] = Sensitivity(name, b, acc, rel)
-    return sweep
+        pairs = tqdm(pairs, desc=desc, unit="eval")
+    out: dict[str, dict[object, tuple[float, float]]] = {n: {} for n in names}
+    for name, v in pairs:
+        with change(name, v):
+            logits = logits_of(model, images) if cache is None else cache.logits_with(name)
+        out[name][v] = (top1(logits, labels), granularity.relative_mse(reference, logits))
+    return out
 
 
 # --------------------------------------------------------------------------- bytes
@@ -539,7 +572,7 @@ def channel_mask(w: Tensor, sparsity: float, *, p: int = 2) -> Tensor:
 
 def pruning_masks(
     model: nn.Module,
-    sparsity: float,
+    sparsity: float | Mapping[str, float],
     method: Literal["layer", "global", "channel"] = "layer",
     *,
     p: int = 2,
@@ -552,6 +585,9 @@ def pruning_masks(
     - ``"channel"``: :func:`channel_mask` (L``p`` norm) on each layer, and the last layer
       is always skipped: its output channels are the classes (pruning one would delete
       a class).
+
+    ``sparsity`` may be ``{layer: fraction}`` for ``"layer"`` and ``"channel"`` (one
+    fraction per layer, e.g. from :func:`allocate_sparsities`; missing layers keep all).
     """
     if method not in PRUNING_METHODS:
         raise ValueError(f"method must be one of {PRUNING_METHODS}, got {method!r}")
@@ -563,13 +599,109 @@ def pruning_masks(
     kept = {n: w for n, w in weights.items() if n not in skipped}
     if not kept:
         raise ValueError("every layer is skipped: nothing to prune")
+    if isinstance(sparsity, Mapping):
+        if method == "global":
+            raise ValueError("method 'global' takes one sparsity for the whole model, not a mapping")
+        unknown = sorted(set(sparsity) - set(weights))
+        if unknown:
+            raise ValueError(f"no Conv2d/Linear layer named {unknown}; known: {list(weights)}")
+        per_layer = {n: sparsity.get(n, 0.0) for n in kept}
+    else:
+        per_layer = dict.fromkeys(kept, sparsity)
     if method == "global":
         masks = global_magnitude_masks(kept, sparsity)
     elif method == "layer":
-        masks = {n: magnitude_mask(w, sparsity) for n, w in kept.items()}
+        masks = {n: magnitude_mask(w, per_layer[n]) for n, w in kept.items()}
     else:
-        masks = {n: channel_mask(w, sparsity, p=p) for n, w in kept.items()}
+        masks = {n: channel_mask(w, per_layer[n], p=p) for n, w in kept.items()}
     return {n: masks[n] if n in masks else torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+
+
+@dataclass(frozen=True)
+class PruningSensitivity:
+    """One point of a pruning scan: ``layer`` magnitude-pruned to ``sparsity``, all else intact."""
+
+    layer: str
+    sparsity: float
+    accuracy: float
+    relative_mse: float
+
+    @property
+    def sqnr_db(self) -> float:
+        """``-10 · log10(relative_mse)``; +inf when the logits did not change at all."""
+        return math.inf if self.relative_mse == 0 else -10.0 * math.log10(self.relative_mse)
+
+
+@contextlib.contextmanager
+def pruned_weights(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.Module]:
+    """Temporarily zero the masked-out weights (``w · mask``); the weights come back on exit."""
+    layers = _check_masks(model, masks)
+    saved = {n: layers[n].weight.detach().clone() for n in masks}
+    try:
+        apply_masks(model, masks)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                layers[name].weight.copy_(w)
+
+
+def pruning_sensitivity(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    sparsities: Sequence[float] = (0.5, 0.7, 0.8, 0.9, 0.95),
+    *,
+    progress: bool = False,
+) -> dict[str, dict[float, PruningSensitivity]]:
+    """Prune one layer at a time (:func:`magnitude_mask` at each sparsity), keep the rest.
+
+    Returns ``{layer: {sparsity: PruningSensitivity}}`` (accuracy and relative logit MSE
+    against the unpruned model, as in :func:`sensitivity_sweep`), in forward order.
+    Measure on the calibration split: the scan chooses the per-layer sparsities.
+    """
+    for v in sparsities:
+        _check_sparsity(v)
+    layers = weight_layers(model)
+
+    def prune_one(name: str, sparsity: float) -> contextlib.AbstractContextManager:
+        return pruned_weights(model, {name: magnitude_mask(layers[name].weight, sparsity)})
+
+    was_training = model.training
+    model.eval()
+    try:
+        measured = _one_layer_at_a_time(model, images, labels, sparsities, prune_one, progress, True, "pruning")
+    finally:
+        model.train(was_training)
+    return {n: {v: PruningSensitivity(n, v, *m) for v, m in row.items()} for n, row in measured.items()}
+
+
+def allocate_sparsities(
+    scan: Mapping[str, Mapping[float, PruningSensitivity]],
+    model: nn.Module,
+    sparsity: float,
+) -> dict[str, float]:
+    """One sparsity per scanned layer: least summed relative MSE with ``sparsity`` overall.
+
+    The multiple-choice knapsack of :func:`allocate_bits` with another knob: layer ``l``
+    at sparsity ``p`` costs ``scan[l][p].relative_mse`` (0 at ``p = 0``, always allowed)
+    and keeps ``numel_l − round(p · numel_l)`` weights; the kept weights of all
+    Conv2d/Linear layers (unscanned ones keep everything) must fit in
+    ``N − round(sparsity · N)``. Raises ValueError when even the largest scanned
+    sparsities do not reach ``sparsity``.
+    """
+    layers = weight_layers(model)
+    total = sum(m.weight.numel() for m in layers.values())
+    unscanned = sum(m.weight.numel() for n, m in layers.items() if n not in scan)
+    budget = total - _n_pruned(_check_sparsity(sparsity), total) - unscanned
+    if budget < 0:
+        raise ValueError(f"{sparsity:.0%} overall needs more than the scanned layers hold")
+    levels = {n: sorted({0.0, *row}) for n, row in scan.items()}
+    costs = {n: {i: 0.0 if v == 0 else scan[n][v].relative_mse for i, v in enumerate(levels[n])} for n in scan}
+    sizes = {n: {i: layers[n].weight.numel() - _n_pruned(v, layers[n].weight.numel())
+                 for i, v in enumerate(levels[n])} for n in scan}
+    choice = allocate_bits(costs, sizes, budget)
+    return {n: levels[n][i] for n, i in choice.items()}
 
 
 def _check_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, nn.Module]:
@@ -739,6 +871,155 @@ def written_size(blob: bytes, directory: str | os.PathLike[str] | None = None) -
         with open(path, "wb") as f:
             f.write(blob)
         return os.path.getsize(path)
+
+
+# --------------------------------------------------------------------------- k-means
+def kmeans_1d(values: Tensor, k: int, *, iterations: int = 30) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means on scalars: ``(centroids, indices)``.
+
+    Start: ``k`` centroids spaced linearly from ``min`` to ``max`` (Han et al. found
+    linear initialisation best, because it keeps centroids for the few large weights
+    that matter most). Repeat at most ``iterations`` times: assign every value to its
+    nearest centroid (a value exactly half-way goes to the lower one), then move every
+    centroid to the mean of its values (float64); a centroid with no value stays put.
+    Stops early when no centroid moves. In 1-D the clusters are intervals, so the
+    centroids stay sorted.
+
+    Returns centroids float32 of shape (k,), ascending, and indices int64 of ``values``'
+    shape: each value's nearest centroid among the returned ones.
+    """
+    if not isinstance(values, Tensor) or not values.is_floating_point() or values.numel() == 0:
+        raise ValueError("values must be a non-empty floating-point tensor")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    v = values.detach().flatten().double()
+    centroids = torch.linspace(float(v.min()), float(v.max()), k, dtype=torch.float64)
+
+    def assign(c: Tensor) -> Tensor:  # nearest centroid, via the midpoints between sorted centroids
+        return torch.bucketize(v, (c[1:] + c[:-1]) / 2, right=False)
+
+    for _ in range(iterations):
+        idx = assign(centroids)
+        counts = torch.bincount(idx, minlength=k)
+        sums = torch.bincount(idx, weights=v, minlength=k)
+        moved = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        if torch.equal(moved, centroids):
+            break
+        centroids = moved
+    centroids = centroids.float()
+    return centroids, assign(centroids.double()).reshape(values.shape)
+
+
+@dataclass(frozen=True)
+class Codebook:
+    """A weight stored as a ``bits``-bit index per value into ``2^bits`` shared centroids."""
+
+    centroids: Tensor  # float32, (2**bits,)
+    indices: Tensor    # int64, the weight's shape, values in [0, 2**bits)
+    bits: int
+
+    def weight(self) -> Tensor:
+        """The shared weight ``centroids[indices]`` (float32)."""
+        return self.centroids[self.indices]
+
+    @property
+    def nbytes(self) -> int:
+        """``ceil(numel · bits / 8)`` packed indices + ``4 · 2^bits`` float32 centroids."""
+        return math.ceil(self.indices.numel() * self.bits / 8) + 4 * self.centroids.numel()
+
+
+def kmeans_codebook(w: Tensor, bits: int, *, iterations: int = 30) -> Codebook:
+    """One codebook per tensor: :func:`kmeans_1d` of all of ``w``'s values, ``k = 2^bits``."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    centroids, indices = kmeans_1d(w, 2 ** bits, iterations=iterations)
+    return Codebook(centroids, indices, bits)
+
+
+def kmeans_codebooks(model: nn.Module, bits: int | Mapping[str, int], *,
+                     iterations: int = 30) -> dict[str, Codebook]:
+    """``{layer: Codebook}`` for every Conv2d/Linear (a mapping: only its layers, the others float)."""
+    plan = _bits_plan(model, bits)
+    layers = weight_layers(model)
+    return {n: kmeans_codebook(layers[n].weight, b, iterations=iterations)
+            for n, b in plan.items() if b != FLOAT_BITS}
+
+
+def codebook_model_bytes(model: nn.Module, codebooks: Mapping[str, Codebook]) -> int:
+    """Deployed size: Σ ``Codebook.nbytes`` + float32 layers without a codebook + every
+    other float tensor (biases), as :func:`model_bytes` counts them."""
+    layers = weight_layers(model)
+    unknown = sorted(set(codebooks) - set(layers))
+    if unknown:
+        raise ValueError(f"no Conv2d/Linear layer named {unknown}")
+    return (sum(cb.nbytes for cb in codebooks.values())
+            + sum(4 * m.weight.numel() for n, m in layers.items() if n not in codebooks)
+            + _other_float_bytes(model))
+
+
+@contextlib.contextmanager
+def codebook_weights(model: nn.Module, codebooks: Mapping[str, Codebook]) -> Iterator[nn.Module]:
+    """Temporarily replace each layer's weight by ``centroids[indices]``; restored on exit."""
+    layers = weight_layers(model)
+    for name, cb in codebooks.items():
+        if name not in layers or cb.indices.shape != layers[name].weight.shape:
+            raise ValueError(f"codebook {name!r} does not fit a Conv2d/Linear weight of the model")
+    saved = {n: layers[n].weight.detach().clone() for n in codebooks}
+    try:
+        with torch.no_grad():
+            for name, cb in codebooks.items():
+                layers[name].weight.copy_(cb.weight())
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                layers[name].weight.copy_(w)
+
+
+def fine_tune_centroids(
+    model: nn.Module,
+    codebooks: Mapping[str, Codebook],
+    loader,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    progress: bool = False,
+) -> dict[str, Codebook]:
+    """Deep Compression's fine-tuning: the indices stay, the centroids learn.
+
+    Each weight is the gather ``W = C[I]``, so back-propagation gives centroid ``k`` the
+    sum of the gradients of the weights that share it,
+    ``∂L/∂C_k = Σ_{i: I_i = k} ∂L/∂W_i`` (Han et al., 2016). Adam (``lr``) on the
+    centroids only, cross-entropy, train mode, for ``steps`` batches of ``loader``
+    (cycled if shorter). The model's own parameters are not changed; returns new
+    codebooks with the same indices and the trained centroids.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be ≥ 0, got {steps}")
+    centroids = {n: nn.Parameter(cb.centroids.detach().clone()) for n, cb in codebooks.items()}
+    optimizer = torch.optim.Adam(list(centroids.values()), lr=lr)
+    was_training = model.training
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    batches = itertools.islice(itertools.cycle(loader), steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=steps, desc="fine-tune centroids", unit="batch")
+    model.train()
+    try:
+        for images, labels in batches:
+            shared = {f"{n}.weight": centroids[n][codebooks[n].indices] for n in centroids}
+            loss = nn.functional.cross_entropy(torch.func.functional_call(model, shared, (images,)), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        model.train(was_training)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    return {n: Codebook(centroids[n].detach().clone(), cb.indices, cb.bits) for n, cb in codebooks.items()}
 
 
 # --------------------------------------------------------------------------- figures

@@ -56,6 +56,7 @@ __all__ = [
     "fold_batchnorms",
     "is_depthwise",
     "layer_errors",
+    "mcnemar",
     "pack_model_weights",
     "payload_bytes",
     "plot_layer_sqnr",
@@ -266,6 +267,29 @@ def relative_mse(x: Tensor, x_hat: Tensor) -> float:
     """``Σ (x - x̂)² / Σ x²`` (float64 sums), i.e. ``10^(-SQNR/10)``."""
     noise, signal = _noise_and_signal(x, x_hat)
     return noise / signal
+
+
+def mcnemar(correct_a: Tensor, correct_b: Tensor) -> tuple[int, int, float]:
+    """McNemar's exact test of two classifiers scored on the **same** images.
+
+    ``correct_a`` and ``correct_b`` are boolean tensors (one entry per image, True when
+    that model's prediction is right). Only the images on which the two disagree carry
+    information about which is better:
+
+        n_ab = #(A right, B wrong),   n_ba = #(A wrong, B right)
+        p    = min(1, 2 · P[X ≤ min(n_ab, n_ba)]),   X ~ Binomial(n_ab + n_ba, 1/2)
+
+    the two-sided exact p-value of "A and B are equally accurate" (1.0 when they never
+    disagree). The accuracy difference is ``(n_ab - n_ba) / len(correct_a)``.
+    Returns ``(n_ab, n_ba, p)``.
+    """
+    a, b = torch.as_tensor(correct_a), torch.as_tensor(correct_b)
+    if a.dtype != torch.bool or b.dtype != torch.bool or a.shape != b.shape or a.dim() != 1:
+        raise ValueError("expected two 1-D boolean tensors of the same length (one entry per image)")
+    n_ab, n_ba = int((a & ~b).sum()), int((~a & b).sum())
+    n, k = n_ab + n_ba, min(n_ab, n_ba)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n  # exact integers, then one division
+    return n_ab, n_ba, min(1.0, 2.0 * tail)
 
 
 # --------------------------------------------------------------------------- models

@@ -26,6 +26,11 @@ Layouts follow PyTorch (NCHW activations, OIHW weights), not TFLite's NHWC.
 from __future__ import annotations
 
 import math
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +77,7 @@ __all__ = [
     "rounding_divide_by_pot",
     "saturating_rounding_doubling_high_mul",
     "to_torch_quantized",
+    "torch_quantized_logits_in_subprocess",
     "torch_quantized_tinycnn",
 ]
 
@@ -1041,3 +1047,50 @@ def torch_quantized_tinycnn(net: IntegerTinyCNN) -> nn.Sequential:
         nn.Flatten(),
         to_torch_quantized(net.fc, relu=False),
     ).eval()
+
+
+# The child process of torch_quantized_logits_in_subprocess: fbgemm reads
+# FBGEMM_ENABLE_INSTRUCTIONS once, when torch loads, so the engine runs in a fresh process.
+_SUBPROCESS_CODE = """
+import pickle, sys
+import numpy as np, torch
+import course_lib
+from course_lib import kernels as K
+course_lib.filter_quantization_warnings()
+folder, engine = sys.argv[1], sys.argv[2]
+torch.backends.quantized.engine = engine
+with open(folder + "/in.pkl", "rb") as f:
+    net, x_q = pickle.load(f)
+with torch.no_grad():
+    out = K.torch_quantized_tinycnn(net)(K.int8_to_quint8(x_q, net.input_scale, net.input_zero_point))
+np.save(folder + "/out.npy", K.quint8_to_int8(out))
+"""
+
+
+def torch_quantized_logits_in_subprocess(
+    net: IntegerTinyCNN, x_q: np.ndarray, *, engine: str = "fbgemm", instructions: str | None = "AVX2",
+    timeout: float = 300.0,
+) -> np.ndarray:
+    """int8 logits of :func:`torch_quantized_tinycnn` on int8 images, run by PyTorch in a new process.
+
+    The child sets ``torch.backends.quantized.engine = engine`` and, with ``instructions``,
+    the environment variable ``FBGEMM_ENABLE_INSTRUCTIONS`` (``"AVX2"``: fbgemm ignores
+    newer instruction sets such as AVX-512 VNNI). fbgemm reads it once, when torch loads;
+    hence the separate process. ``x_q`` is int8 (N, 1, 28, 28); the result is int8 (N, classes).
+    Raises ValueError for an engine this torch does not have, RuntimeError if the child fails.
+    """
+    _require_dtype("x_q", x_q, np.int8, 4)
+    if engine not in torch.backends.quantized.supported_engines:
+        raise ValueError(f"engine {engine!r} is not one of {torch.backends.quantized.supported_engines}")
+    env = dict(os.environ)
+    env.pop("FBGEMM_ENABLE_INSTRUCTIONS", None)
+    if instructions is not None:
+        env["FBGEMM_ENABLE_INSTRUCTIONS"] = instructions
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "in.pkl"), "wb") as f:
+            pickle.dump((net, x_q), f)
+        done = subprocess.run([sys.executable, "-c", _SUBPROCESS_CODE, folder, engine], env=env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"PyTorch ({engine}) failed in the child process:\n{done.stderr[-2000:]}")
+        return np.load(os.path.join(folder, "out.npy"))

@@ -58,9 +58,11 @@ __all__ = [
     "clip_to_threshold",
     "fake_quantize_activations",
     "histogram",
+    "kl_divergence",
     "kl_divergence_curve",
     "kl_range",
     "kl_range_from_histogram",
+    "kl_levels",
     "kl_threshold",
     "minmax_range",
     "mse_curve",
@@ -514,53 +516,66 @@ def mse_range_from_histogram(
 # --------------------------------------------------------------------------- KL (entropy) calibration
 
 
-_Q_FLOOR = 1e-4  # probability given to bins where P > 0 but Q = 0, so KL stays finite
+KL_START_BIN = 128  # TensorRT / pytorch-quantization's first candidate threshold bin (of 2048)
 
 
-def kl_divergence_curve(abs_counts: np.ndarray, levels: int = 128) -> np.ndarray:
-    """KL(P‖Q) for every candidate threshold bin ``i = levels .. len(abs_counts)``.
+def kl_divergence(abs_counts: np.ndarray, i: int, levels: int) -> float:
+    """KL(P‖Q) (natural log) of one candidate threshold: the upper edge of bin ``i - 1``.
 
-    TensorRT's entropy calibration (Migacz 2017), on a histogram of ``|x|``:
+    On a histogram of ``|x|`` (float64 ``[bins]``), as NVIDIA's ``_compute_amax_entropy``
+    (pytorch-quantization) computes it:
 
-    1. ``P = counts[:i]`` with all outliers ``counts[i:]`` added to its last bin;
-    2. ``Q``: the ``i`` bins ``counts[:i]`` merged into ``levels`` near-equal chunks (what a
-       ``levels``-level quantizer can tell apart), each chunk's count spread evenly back over
-       the chunk's bins where ``P`` is non-zero;
-    3. both normalised; where ``P > 0`` but ``Q = 0`` (the folded outliers land in a chunk
-       with no other data) ``Q`` gets probability 1e-4 and is renormalised, so the
-       divergence stays finite (MXNet's implementation smooths similarly);
-       ``KL = Σ_{P>0} P log(P / Q)``.
-
-    Returns float64 [len(abs_counts) - levels + 1]; entry ``j`` is the candidate ``i = levels + j``.
+    * ``P``: the data clipped at the threshold, ``counts[:i]`` with every count beyond
+      (``counts[i:]``) added to bin ``i - 1``;
+    * ``Q``: what a ``levels``-level quantizer of ``[0, threshold]`` keeps of ``counts[:i]``:
+      bin ``b`` falls in chunk ``b·levels // i`` (integer division), and each chunk's total
+      is spread evenly over its non-empty bins (empty bins stay 0);
+    * both normalised to sum 1; ``KL = Σ_{P>0} P log(P / Q)``, ``+inf`` where ``P > 0`` and
+      ``Q = 0`` (the last bin is empty but values lie beyond it), as ``scipy.stats.entropy``.
     """
-    counts = np.asarray(abs_counts, dtype=np.float64)
+    counts = np.asarray(abs_counts, dtype=np.float64).reshape(-1)
+    if not 1 <= i <= counts.size:
+        raise ValueError(f"i must be in 1..{counts.size} (the number of bins), got {i!r}")
+    if levels < 1:
+        raise ValueError(f"levels must be ≥ 1, got {levels!r}")
+    kept = counts[:i]
+    p = kept.copy()
+    p[-1] += counts[i:].sum()
+    filled = kept > 0
+    chunk = np.arange(i) * levels // i  # chunk of each bin; chunk sizes differ by at most 1
+    chunk_sum = np.bincount(chunk, weights=kept, minlength=levels)
+    chunk_filled = np.bincount(chunk, weights=filled, minlength=levels)
+    q = np.where(filled, chunk_sum[chunk] / np.maximum(chunk_filled[chunk], 1), 0.0)
+    if q.sum() <= 0 or p.sum() <= 0:  # no data below the threshold: nothing to compare
+        return math.inf
+    p, q = p / p.sum(), q / q.sum()
+    support = p > 0
+    if (q[support] == 0).any():
+        return math.inf
+    return float(np.sum(p[support] * np.log(p[support] / q[support])))
+
+
+def kl_divergence_curve(abs_counts: np.ndarray, levels: int = 128, start_bin: int = KL_START_BIN) -> np.ndarray:
+    """:func:`kl_divergence` for every candidate ``i = start_bin .. len(abs_counts)``.
+
+    Returns float64 ``[len(abs_counts) - start_bin + 1]``; entry ``j`` is the candidate
+    ``i = start_bin + j``.
+    """
+    counts = np.asarray(abs_counts, dtype=np.float64).reshape(-1)
     n = counts.size
-    if levels < 2 or levels > n:
-        raise ValueError(f"levels must be in 2..{n} (the number of bins), got {levels!r}")
-    outliers = np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])  # outliers[i] = Σ counts[i:]
-    out = np.empty(n - levels + 1)
-    for j, i in enumerate(range(levels, n + 1)):
-        sliced = counts[:i]
-        p = sliced.copy()
-        p[-1] += outliers[i]
-        nonzero = p > 0
-        chunk = np.arange(i) * levels // i  # chunk index of each bin; sizes differ by ≤ 1
-        chunk_sum = np.bincount(chunk, weights=sliced, minlength=levels)
-        chunk_nonzero = np.bincount(chunk, weights=nonzero, minlength=levels)
-        q = np.where(nonzero, chunk_sum[chunk] / np.maximum(chunk_nonzero[chunk], 1), 0.0)
-        if q.sum() <= 0:  # no data below the threshold at all: nothing to compare
-            out[j] = np.inf
-            continue
-        p, q = p[nonzero] / p.sum(), q[nonzero] / q.sum()
-        q = np.where(q > 0, q, _Q_FLOOR)
-        q /= q.sum()
-        out[j] = float(np.sum(p * np.log(p / q)))
-    return out
+    if isinstance(start_bin, bool) or not 1 <= int(start_bin) <= n:
+        raise ValueError(f"start_bin must be in 1..{n} (the number of bins), got {start_bin!r}")
+    if levels < 1:
+        raise ValueError(f"levels must be ≥ 1, got {levels!r}")
+    return np.array([kl_divergence(counts, i, levels) for i in range(int(start_bin), n + 1)])
 
 
-def kl_threshold(abs_counts: np.ndarray, abs_edges: np.ndarray, levels: int = 128) -> float:
-    """The threshold ``abs_edges[i]`` (upper edge of the last bin kept) that minimises
-    :func:`kl_divergence_curve` over ``i = levels .. bins``, for a histogram of ``|x|``."""
+def kl_threshold(
+    abs_counts: np.ndarray, abs_edges: np.ndarray, levels: int = 128, start_bin: int = KL_START_BIN
+) -> float:
+    """The threshold ``abs_edges[i]`` that minimises :func:`kl_divergence_curve` over
+    ``i = start_bin .. bins``, for a histogram of ``|x|``; among equal divergences the largest
+    threshold wins (NVIDIA's ``last_argmin``)."""
     c, e = _check_histogram(abs_counts, abs_edges)
     if c.size > 1:
         # Bin 0 holds every exact zero (half of a ReLU output, often): such a spike would
@@ -568,50 +583,65 @@ def kl_threshold(abs_counts: np.ndarray, abs_edges: np.ndarray, levels: int = 12
         # it its neighbour's count instead; the zeros are exact on any grid anyway.
         c = c.copy()
         c[0] = c[1]
-    divergence = kl_divergence_curve(c, levels)
-    i = levels + int(np.argmin(divergence))  # the first minimum: the smallest such threshold
-    return float(e[i])
+    divergence = kl_divergence_curve(c, levels, start_bin)
+    if not np.isfinite(divergence).any():  # every candidate clips values into an empty bin
+        return float(e[-1])
+    last_argmin = divergence.size - 1 - int(np.argmin(divergence[::-1]))
+    return float(e[int(start_bin) + last_argmin])
 
 
-def _kl_levels(bits: int, levels: int | None, non_negative: bool) -> int:
+def kl_levels(bits: int, non_negative: bool) -> int:
+    """Quantization levels that cover ``[0, t]``: ``2^(bits-1)`` for signed data (128 at 8 bits),
+    ``2^bits`` for data that is never negative (NVIDIA's ``1 << (num_bits - 1 + unsigned)``)."""
     bits = _check_bits(bits)
-    if levels is not None:
-        return int(levels)
-    # The grid levels that cover [0, t]: half of the 2^b codes for signed data (128 at 8 bits,
-    # as in TensorRT), all of them for data that is never negative (ReLU outputs).
     return 2**bits if non_negative else 2 ** (bits - 1)
 
 
+def _kl_args(bits: int, levels: int | None, start_bin: int | None, non_negative: bool, bins: int) -> tuple[int, int]:
+    levels = kl_levels(bits, non_negative) if levels is None else int(levels)
+    start = KL_START_BIN if start_bin is None else int(start_bin)
+    if not 1 <= start <= bins:
+        raise ValueError(f"start_bin ({start}) must be in 1..bins ({bins})")
+    return levels, start
+
+
 def kl_range(
-    x: torch.Tensor | np.ndarray, bits: int = 8, *, bins: int = 2048, levels: int | None = None
+    x: torch.Tensor | np.ndarray,
+    bits: int = 8,
+    *,
+    bins: int = 2048,
+    levels: int | None = None,
+    start_bin: int | None = None,
 ) -> tuple[float, float]:
     """TensorRT's entropy (KL) calibration: the threshold minimising KL(P‖Q) on ``|x|``.
 
     A ``bins``-bin histogram of ``|x|`` over ``[0, max|x|]``; candidates are the upper edges of
-    bins ``levels .. bins`` (so the threshold is at least ``levels / bins`` of ``max|x|``).
-    ``levels`` defaults to the grid levels covering ``[0, t]``: ``2^(bits-1)`` (128 at 8 bits)
-    when ``x`` has negative values, ``2^bits`` when it has none. See :func:`kl_divergence_curve`
-    for P and Q and :func:`kl_threshold` for the search. Returns ``x``'s range clipped at
+    bins ``start_bin .. bins``: by default bin 128 onwards, as NVIDIA's ``_compute_amax_entropy``
+    (so with 2048 bins the threshold is at least 1/16 of ``max|x|``, whatever the bit-width).
+    ``levels`` defaults to :func:`kl_levels` (``2^(bits-1)``, or ``2^bits`` for data that is
+    never negative). See :func:`kl_divergence` for P and Q. Returns ``x``'s range clipped at
     ``±t``. Reference: S. Migacz, "8-bit Inference with TensorRT", NVIDIA GTC 2017.
     """
     v = _values(x)
-    levels = _kl_levels(bits, levels, bool(v.min() >= 0))
-    if bins < levels:
-        raise ValueError(f"bins ({bins}) must be ≥ levels ({levels})")
+    levels, start = _kl_args(bits, levels, start_bin, bool(v.min() >= 0), bins)
     counts, edges = histogram(v, bins, absolute=True)
-    return clip_to_threshold(float(v.min()), float(v.max()), kl_threshold(counts, edges, levels))
+    return clip_to_threshold(float(v.min()), float(v.max()), kl_threshold(counts, edges, levels, start))
 
 
 def kl_range_from_histogram(
-    counts: np.ndarray, edges: np.ndarray, bits: int = 8, *, bins: int = 2048, levels: int | None = None
+    counts: np.ndarray,
+    edges: np.ndarray,
+    bits: int = 8,
+    *,
+    bins: int = 2048,
+    levels: int | None = None,
+    start_bin: int | None = None,
 ) -> tuple[float, float]:
     """:func:`kl_range` on a histogram of ``x``: folded into a ``bins``-bin histogram of ``|x|`` first."""
     c, e = _check_histogram(counts, edges)
-    levels = _kl_levels(bits, levels, bool(e[0] >= 0))
-    if bins < levels:
-        raise ValueError(f"bins ({bins}) must be ≥ levels ({levels})")
+    levels, start = _kl_args(bits, levels, start_bin, bool(e[0] >= 0), bins)
     abs_counts, abs_edges = _fold_absolute(c, e, bins)
-    return clip_to_threshold(e[0], e[-1], kl_threshold(abs_counts, abs_edges, levels))
+    return clip_to_threshold(e[0], e[-1], kl_threshold(abs_counts, abs_edges, levels, start))
 
 
 # --------------------------------------------------------------------------- streaming observers
@@ -729,7 +759,8 @@ class HistogramObserver(Observer):
 
     ``method``: ``"minmax"``, ``"percentile"`` (``percentile``, ``symmetric_percentile``),
     ``"mse"`` (``n_grid``; for the observer's ``bits``/``signed``/``symmetric``) or ``"kl"``
-    (``levels``, default: the grid levels covering ``[0, t]``, see :func:`kl_range`).
+    (``levels``, default: the grid levels covering ``[0, t]``; ``start_bin``, default 128:
+    see :func:`kl_range`).
     """
 
     def __init__(
@@ -742,6 +773,7 @@ class HistogramObserver(Observer):
         symmetric_percentile: bool = False,
         n_grid: int = 100,
         levels: int | None = None,
+        start_bin: int | None = None,
         **kwargs: bool,
     ) -> None:
         super().__init__(bits, **kwargs)
@@ -753,7 +785,7 @@ class HistogramObserver(Observer):
             _check_percentile(percentile, symmetric=symmetric_percentile)
         self.method, self.bins = method, int(bins)
         self.percentile, self.symmetric_percentile = percentile, symmetric_percentile
-        self.n_grid, self.levels = n_grid, levels
+        self.n_grid, self.levels, self.start_bin = n_grid, levels, start_bin
         self.min_val, self.max_val = math.inf, -math.inf
         self.counts = np.zeros(self.bins)
         self.edges: np.ndarray | None = None
@@ -761,7 +793,7 @@ class HistogramObserver(Observer):
 
     def with_method(self, method: Method, bits: int | None = None, **options: Any) -> HistogramObserver:
         """A copy of this observer (its histogram copied, so no new data is needed) that uses
-        another method, bit-width or option (``percentile=``, ``n_grid=``, ``levels=`` …)."""
+        another method, bit-width or option (``percentile=``, ``n_grid=``, ``levels=``, ``start_bin=`` …)."""
         other = copy.copy(self)
         other.counts = self.counts.copy()
         other.method = method
@@ -806,7 +838,9 @@ class HistogramObserver(Observer):
                 c, e, self.bits, signed=self.signed, symmetric=self.symmetric,
                 narrow_range=self.narrow_range, n_grid=self.n_grid, exact_zeros=self.zeros,
             )
-        return kl_range_from_histogram(c, e, self.bits, bins=self.bins, levels=self.levels)
+        return kl_range_from_histogram(
+            c, e, self.bits, bins=self.bins, levels=self.levels, start_bin=self.start_bin
+        )
 
 
 # --------------------------------------------------------------------------- whole-model calibration

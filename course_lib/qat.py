@@ -38,11 +38,12 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from course_lib import quant
+from course_lib import kernels, quant
 
 __all__ = [
     "ActivationFakeQuant",
@@ -53,6 +54,7 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "calibrate_observers",
+    "convert_to_integer",
     "fake_quantize_ste",
     "freeze_bn",
     "freeze_observers",
@@ -63,6 +65,7 @@ __all__ = [
     "prepare_qat",
     "qat_step",
     "train_qat",
+    "weight_codes",
 ]
 
 # A learned scale must stay positive; one optimizer step too many cannot be allowed
@@ -583,3 +586,87 @@ def train_qat(
                     losses = []
     model.eval()
     return history
+
+
+# ------------------------------------------------------------------ to lesson 04's integer network
+
+
+def weight_codes(layer: QuantConv2d | QuantLinear) -> Tensor:
+    """The integer weight codes a QAT layer computes with, int32 (O, …).
+
+    ``clamp(round(W · (1/s_c)), qmin, qmax)`` per output channel with the learned scale
+    (round half to even, as the forward pass): ``ŵ = codes · s_c`` exactly.
+    """
+    fq = layer.weight_fq
+    scale = fq.scale.detach().clamp_min(MIN_SCALE)
+    return quant.quantize(layer.weight.detach(), scale, fq.zero_point, fq.bits, narrow_range=True, axis=0)
+
+
+def _folded_integer_layer(
+    layer: QuantConv2d | QuantLinear,
+    bn: nn.BatchNorm2d | None,
+    output_qparams: tuple[float, int],
+    activation: str | None,
+) -> kernels.IntegerLayer:
+    """One int8 layer from a trained QAT layer and the frozen BN after it.
+
+    BN multiplies channel c by ``k_c = γ_c / sqrt(σ²_c + ε)``; since the weights are
+    quantized per channel, ``k_c · (codes_c · s_c) = (sign(k_c) · codes_c) · (|k_c| · s_c)``:
+    the same codes (signs flipped where k_c < 0) with a rescaled scale. Bias
+    ``k_c · (b_c − μ_c) + β_c``; computed in float64, stored as float32.
+    """
+    codes = weight_codes(layer).to(torch.float64)
+    scale = layer.weight_fq.scale.detach().clamp_min(MIN_SCALE).double()
+    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros(codes.shape[0], dtype=torch.float64)
+    if bn is not None:
+        k = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        sign = torch.where(k < 0, -1.0, 1.0).double()
+        codes = codes * sign.reshape(-1, *([1] * (codes.dim() - 1)))
+        scale = (scale * k.abs()).clamp_min(quant.TINY)
+        bias = k * (bias - bn.running_mean.double()) + bn.bias.detach().double()
+    fq_in = layer.input_fq
+    padding = int(layer.padding[0]) if isinstance(layer, nn.Conv2d) else 0
+    return kernels.integer_layer_from_codes(
+        codes.numpy().astype(np.int8), scale.float().numpy(), bias.float(),
+        input_scale=float(fq_in.scale), input_zero_point=int(fq_in.zero_point),
+        output_scale=output_qparams[0], output_zero_point=output_qparams[1],
+        activation=activation, padding=padding,
+    )
+
+
+@torch.no_grad()
+def convert_to_integer(model: nn.Module, calib_images: Tensor) -> kernels.IntegerTinyCNN:
+    """A trained QAT TinyCNN as lesson 04's integer-only ``kernels.IntegerTinyCNN``.
+
+    Weights: the codes the QAT model trained with (:func:`weight_codes`), each frozen BN
+    folded in per channel (same codes, scale ``|k_c| · s_c``). Activations: the frozen
+    ranges of the ``input_fq`` quantizers: conv1's input, conv2's input (= conv1's
+    output: max-pooling keeps (S, Z)) and fc's input (= conv2's output). The QAT model
+    keeps its logits float; the integer network needs int8 logits, so their range is the
+    min-max of the QAT model's logits on ``calib_images`` (int8 asymmetric).
+    Biases become int32 and the multipliers ``S_in·S_w/S_out`` fixed point
+    (``kernels.integer_layer_from_codes``); requantization rounds like TFLite, not like
+    the float simulation, so a few logits may differ by one step.
+    """
+    for name in ("conv1", "bn1", "conv2", "bn2", "fc", "pool1"):
+        if not hasattr(model, name):
+            raise ValueError(f"convert_to_integer converts a QAT TinyCNN; the model has no {name}")
+    if not all(isinstance(m, QuantConv2d) for m in (model.conv1, model.conv2)) or not isinstance(model.fc, QuantLinear):
+        raise ValueError("conv1, conv2 and fc must be QAT layers: run prepare_qat and train first")
+    for bn in (model.bn1, model.bn2):
+        if isinstance(bn, FreezableBatchNorm2d) and not bn.frozen:
+            raise ValueError("freeze the BatchNorm layers (freeze_bn) before converting: the integer "
+                             "model folds their running statistics")
+    model.eval()
+    logits = model(calib_images)
+    out_scale, out_zp = quant.qparams_from_range(logits.min(), logits.max(), 8)
+
+    def qparams(fq: ActivationFakeQuant) -> tuple[float, int]:
+        return float(fq.scale), int(fq.zero_point)
+
+    conv1 = _folded_integer_layer(model.conv1, model.bn1, qparams(model.conv2.input_fq), "relu")
+    conv2 = _folded_integer_layer(model.conv2, model.bn2, qparams(model.fc.input_fq), "relu")
+    fc = _folded_integer_layer(model.fc, None, (float(out_scale), int(out_zp)), None)
+    pool = model.pool1.kernel_size if isinstance(model.pool1.kernel_size, int) else model.pool1.kernel_size[0]
+    return kernels.IntegerTinyCNN(float(model.conv1.input_fq.scale), int(model.conv1.input_fq.zero_point),
+                                  conv1, conv2, fc, int(pool))

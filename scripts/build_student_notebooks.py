@@ -13,6 +13,16 @@ outputs are cleared) and copies ``release/NN_slug/NN_slug.ipynb`` to
 ``notebooks/NN_slug.ipynb``. solutions/ is only read, and the gradebook.db nbgrader
 creates lives and dies in the temporary folder.
 
+Each exercise cell and each check (graded test cell) of the student notebook gets the
+cell tag ``raises-exception``, and no other cell does. On an untouched notebook these
+are the cells that fail (the stub raises ``NotImplementedError``, the check reports it);
+with the tag, JupyterLab's Run All (and nbclient, nbconvert --execute, nbval) records the
+error and carries on with the next cell instead of stopping the notebook there, so a
+learner stuck on one exercise still runs the rest of the lesson. The lesson's own cells
+use course_lib, never the learner's function, so they still run. nbgrader's validation
+and autograding are unaffected: they execute every cell anyway (``allow_errors``) and
+score a check by its error output, and the tag is not part of nbgrader's cell checksum.
+
 The result depends only on the solution notebook, so running the script twice gives
 the same bytes; ``tests/test_student_notebooks.py`` relies on that to detect a stale
 notebooks/ folder.
@@ -29,6 +39,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import nbformat
+from nbformat import NotebookNode
 from nbgrader.converters import GenerateAssignment
 from nbgrader.coursedir import CourseDirectory
 from nbgrader.utils import capture_log
@@ -40,6 +52,8 @@ SOLUTIONS = ROOT / "solutions"
 NOTEBOOKS = ROOT / "notebooks"
 CONFIG_FILE = ROOT / "nbgrader_config.py"
 LESSON_NAME = re.compile(r"^\d\d_[a-z0-9_]+$")
+# JupyterLab, nbclient and nbval run on past a cell with this tag when it raises.
+MAY_FAIL_TAG = "raises-exception"
 
 # nbgrader's Gradebook runs the `alembic` command found on PATH; when this script is
 # started as .venv/bin/python without an activated venv, that command is only found
@@ -52,8 +66,11 @@ __all__ = [
     "ROOT",
     "SOLUTIONS",
     "NOTEBOOKS",
+    "MAY_FAIL_TAG",
     "NbgraderError",
     "lesson_ids",
+    "may_fail",
+    "tag_cells_that_may_fail",
     "nbgrader_config",
     "generate_assignments",
     "build",
@@ -68,6 +85,29 @@ class NbgraderError(RuntimeError):
 def lesson_ids() -> list[str]:
     """Assignment ids (``NN_slug``) of every solution notebook, in lesson order."""
     return sorted(p.stem for p in SOLUTIONS.glob("*.ipynb") if LESSON_NAME.match(p.stem))
+
+
+def may_fail(cell: NotebookNode) -> bool:
+    """True for the code cells that fail on the stub: exercises and their checks.
+
+    An exercise is an nbgrader solution cell; a check is a graded test cell
+    (``grade: true``, not a solution). Both carry nbgrader metadata in every lesson.
+    """
+    meta = cell.get("metadata", {}).get("nbgrader", {})
+    return cell.cell_type == "code" and bool(meta.get("solution") or meta.get("grade"))
+
+
+def tag_cells_that_may_fail(nb: NotebookNode) -> NotebookNode:
+    """Tag exercise and check cells ``raises-exception`` (and take it off any other cell)."""
+    for cell in nb.cells:
+        tags = [t for t in cell.get("metadata", {}).get("tags", []) if t != MAY_FAIL_TAG]
+        if may_fail(cell):
+            tags.append(MAY_FAIL_TAG)
+        if tags:
+            cell.metadata["tags"] = tags
+        else:
+            cell.metadata.pop("tags", None)
+    return nb
 
 
 def nbgrader_config(course_root: Path) -> Config:
@@ -121,8 +161,10 @@ def build(dest: Path = NOTEBOOKS, lessons: Iterable[str] | None = None) -> list[
     with tempfile.TemporaryDirectory(prefix="nbgrader-release-") as tmp:
         for released in generate_assignments(Path(tmp), lessons).values():
             target = dest / released.name
-            # copyfile, not copy: the student notebook must stay writable for the learner.
-            shutil.copyfile(released, target)
+            nb = tag_cells_that_may_fail(nbformat.read(released, as_version=4))
+            # A new file, not a copy: the student notebook must stay writable for the learner.
+            # nbformat.write gives the same layout nbgrader's writer does (indent 1, sorted keys).
+            nbformat.write(nb, target)
             written.append(target)
     return written
 

@@ -1,4 +1,4 @@
-"""Autograde a folder of submitted lesson notebooks with nbgrader and write a gradebook CSV.
+"""Grade a folder of submitted lesson notebooks and write a gradebook CSV.
 
     python scripts/grade.py SUBMISSIONS [--output grading/gradebook.csv] [--timeout 60]
     make grade SUBMISSIONS=path/to/submitted
@@ -12,20 +12,27 @@ where <assignment> is a lesson id such as ``01_affine_map``. What happens:
 
 1. The submissions are *copied* into a private nbgrader course directory in a
    temporary folder; the submitted files are only read, never moved or modified.
-2. nbgrader ``generate_assignment`` runs on ``solutions/<assignment>.ipynb`` there,
-   which records every test cell (with its hidden tests), its points and checksum in
-   a fresh gradebook.db.
-3. nbgrader ``autograde`` runs once per submission, each in a fresh kernel. Its
-   OverwriteCells step puts back the original source of a locked test cell that a
-   student edited, and re-inserts one that was deleted (``add_missing_cells`` in
-   nbgrader_config.py), so every submission is graded against the original tests.
-   Each cell gets ``--timeout`` seconds; a cell that runs longer (an infinite loop)
-   is interrupted and the rest of the notebook still runs. The course directory is
-   new for every run, so nothing needs ``--force`` and no earlier result is replaced.
-4. The per-test-cell scores are read from the gradebook and written to a CSV:
-   student, assignment, one column per graded test cell, total, max, seconds, status.
-   A notebook that is not valid JSON/nbformat, or that nbgrader could not grade, is
-   reported in the status column and on stdout; the rest of the batch is graded.
+2. nbgrader ``generate_assignment`` runs on ``solutions/<assignment>.ipynb`` there and
+   records every graded test cell and its points in a fresh gradebook.db.
+3. Each submission is graded by ``autograder`` (see autograder/README.md): for every
+   graded test cell, a fresh bubblewrap sandbox runs the lesson's set-up cell and the
+   submission's exercise cells, with the library's own version of that exercise
+   switched off before any student code runs; the hidden test runs *here*, calls the
+   student's functions with plain data and compares what comes back with values it
+   computed itself. Nothing in the student's process decides a score, and nothing the
+   student's code writes can reach the repository, other submissions or the gradebook.
+   Each exercise cell and each call gets ``--timeout`` seconds, a submission
+   ``--notebook-timeout`` seconds; the worker's memory is limited.
+4. The scores go into nbgrader's gradebook (so ``nbgrader export`` and the formgrader
+   show them, with a feedback notebook per submission in ``autograded/``) and into a
+   CSV: student, assignment, one column per graded test cell, total, max, seconds,
+   status, and *flags*: code that looks like an attempt on the grader (frames,
+   ``__code__``, ``sys.modules``, IPython hooks, file writes, …), for a human to read.
+   Flags never change a score. A malformed notebook is reported in the status column
+   and the rest of the batch is graded.
+
+Without bubblewrap the script refuses to run, unless ``--no-sandbox`` says explicitly
+to run student code unisolated (only for code you trust, e.g. your own tests).
 
 An existing CSV is never overwritten: the gradebook is then written next to it under
 a new, timestamped name, and the script says so.
@@ -34,6 +41,7 @@ a new, timestamped name, and the script says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -43,18 +51,17 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import nbformat
-from nbgrader.api import Gradebook, MissingEntry
-from nbgrader.converters import Autograde
-from nbgrader.coursedir import CourseDirectory
-from nbgrader.utils import capture_log
+from nbgrader.api import Gradebook
 from traitlets.config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from build_student_notebooks import (  # noqa: E402
     ROOT,
     SOLUTIONS,
@@ -63,8 +70,14 @@ from build_student_notebooks import (  # noqa: E402
     nbgrader_config,
 )
 
+from autograder.flags import notebook_flags  # noqa: E402
+from autograder.grader import NotebookResult, Sources, grade_notebook  # noqa: E402
+from autograder.sandbox import Limits, SandboxUnavailable, probe  # noqa: E402
+from autograder.session import GraderError  # noqa: E402
+
 DEFAULT_OUTPUT = ROOT / "grading" / "gradebook.csv"
-DEFAULT_TIMEOUT = 60  # seconds per cell
+DEFAULT_TIMEOUT = 60  # seconds per exercise cell and per call of a student function
+DEFAULT_NOTEBOOK_S = 600  # seconds for all hidden tests of one submission
 
 __all__ = [
     "Submission",
@@ -97,6 +110,7 @@ class Result:
     max_points: float | None = None
     seconds: float | None = None
     status: str = "ok"
+    flags: list[str] = field(default_factory=list)  # code worth a human look; never scored
 
     @property
     def total(self) -> float | None:
@@ -213,65 +227,79 @@ def _test_cell_changes(submitted: Path, released: Path, solution: Path) -> list[
     return notes
 
 
-def _timeouts(autograded: Path, timeout: int) -> list[str]:
-    """Cells of the executed notebook that nbgrader interrupted after ``timeout`` seconds."""
-    if not autograded.is_file():
-        return []
-    nb = nbformat.read(autograded, as_version=4)
-    hits = []
-    for index, cell in enumerate(nb.cells):
-        for out in cell.get("outputs", []):
-            if out.get("output_type") == "error" and out.get("ename") == "CellTimeoutError":
-                name = cell.metadata.get("nbgrader", {}).get("grade_id", f"cell {index}")
-                hits.append(f"{name} stopped after the {timeout} s per-cell timeout")
-    return hits
+def _released(workdir: Path, assignment: str) -> Path:
+    return workdir / "release" / assignment / f"{assignment}.ipynb"
 
 
-def _autograde(config: Config, sub: Submission, timeout: int) -> Result:
+def _record(config: Config, sub: Submission, result: Result, outcome: NotebookResult) -> None:
+    """Put the grader's scores into nbgrader's gradebook, so `nbgrader export` and the
+    formgrader show the numbers of the CSV."""
+    with Gradebook(config.CourseDirectory.db_url, config.CourseDirectory.course_id) as gb:
+        gb.update_or_create_student(sub.student)
+        gb.add_submission(sub.assignment, sub.student)
+        for grade_id, test in outcome.tests.items():
+            grade = gb.find_grade(grade_id, sub.assignment, sub.assignment, sub.student)
+            grade.auto_score = test.points
+            grade.needs_manual_grade = False
+        gb.db.commit()
+
+
+def _feedback_notebook(submitted: nbformat.NotebookNode, assignment: str,
+                       outcome: NotebookResult) -> nbformat.NotebookNode:
+    """The submission with each test cell's original source and the grader's verdict as its output."""
+    nb = nbformat.from_dict(json.loads(json.dumps(submitted)))
+    originals = _test_sources(SOLUTIONS / f"{assignment}.ipynb")
+    for cell in nb.cells:
+        gid = (cell.get("metadata", {}).get("nbgrader", {}) or {}).get("grade_id")
+        if gid in outcome.tests and cell.get("cell_type") == "code":
+            test = outcome.tests[gid]
+            cell.source = originals.get(gid, cell.source)
+            mark = "✔" if test.points == test.max_points else "✘"
+            text = f"{mark} hidden tests: {test.points:g} of {test.max_points:g} points. {test.message}\n"
+            cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=text)]
+    return nb
+
+
+def _grade_one(workdir: Path, sources: Sources, sub: Submission, limits: Limits, use_sandbox: bool,
+               notebook_s: float) -> tuple[Result, NotebookResult | None]:
     result = Result(sub.student, sub.assignment)
     cells = graded_cells(sub.assignment)
     result.max_points = sum(cells.values())
-
-    coursedir = CourseDirectory(config=config)
-    coursedir.assignment_id = sub.assignment
-    coursedir.student_id = sub.student
-    converter = Autograde(coursedir=coursedir, config=config)
-    converter.force = False  # a fresh course directory: nothing to replace, nothing lost
+    assert sub.path is not None
+    submitted = nbformat.read(sub.path, as_version=4)
+    released = nbformat.read(_released(workdir, sub.assignment), as_version=4)
+    result.flags = notebook_flags(submitted, released)
     start = time.perf_counter()
-    outcome = capture_log(converter)
+    try:
+        outcome = grade_notebook(sub.assignment, submitted, workdir=workdir / "work" / sub.student / sub.assignment,
+                                 sources=sources, limits=limits, use_sandbox=use_sandbox, notebook_s=notebook_s)
+    except GraderError as exc:
+        result.seconds = time.perf_counter() - start
+        result.status = f"error: the grader failed on this lesson (not the student's fault): {_one_line(str(exc), 600)}"
+        return result, None
     result.seconds = time.perf_counter() - start
+    result.points = {gid: outcome.tests[gid].points if gid in outcome.tests else None for gid in cells}
+    autograded = workdir / "autograded" / sub.student / sub.assignment / f"{sub.assignment}.ipynb"
+    autograded.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(_feedback_notebook(submitted, sub.assignment, outcome), autograded)
 
-    log = outcome.get("log", "")
-    if not outcome["success"]:
-        last = [line for line in log.splitlines() if line.strip()][-6:]
-        result.status = "error: nbgrader could not grade this notebook: " + " | ".join(last)
-        return result
-
-    with Gradebook(config.CourseDirectory.db_url, config.CourseDirectory.course_id) as gb:
-        try:
-            nb = gb.find_submission_notebook(sub.assignment, sub.assignment, sub.student)
-        except MissingEntry:
-            result.status = "error: nbgrader recorded no grades for this submission"
-            return result
-        scores = {g.name: g.score for g in nb.grades}
-    result.points = {name: scores.get(name) for name in cells}
-
-    root, name = Path(coursedir.root), f"{sub.assignment}.ipynb"
-    notes = _test_cell_changes(
-        root / "submitted" / sub.student / sub.assignment / name,
-        root / "release" / sub.assignment / name,
-        SOLUTIONS / name,
-    ) + _timeouts(root / "autograded" / sub.student / sub.assignment / name, timeout)
-    if any(v is None for v in result.points.values()):
-        missing = [k for k, v in result.points.items() if v is None]
-        notes.append(f"no automatic score for {', '.join(missing)} (needs manual grading)")
-    result.status = "ok" + (": " + "; ".join(notes) if notes else "")
-    return result
+    notes = _test_cell_changes(sub.path, _released(workdir, sub.assignment), SOLUTIONS / f"{sub.assignment}.ipynb")
+    notes += [f"{gid}: {t.message}" for gid, t in outcome.tests.items() if t.points < t.max_points]
+    notes += [f"exercise cell {gid}: {err}" for gid, err in outcome.cell_errors.items()]
+    if outcome.timed_out:
+        notes.append(f"stopped after the notebook's {notebook_s:g} s limit")
+    result.status = "ok" + (": " + "; ".join(_one_line(n) for n in notes) if notes else "")
+    return result, outcome
 
 
-def _grade_in(workdir: Path, found: list[Submission], timeout: int, progress: bool) -> list[Result]:
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _grade_in(workdir: Path, found: list[Submission], limits: Limits, use_sandbox: bool,
+              notebook_s: float, jobs: int, progress: bool) -> list[Result]:
     config = nbgrader_config(workdir)
-    config.Execute.timeout = timeout
     results: list[Result] = []
     gradable = []
     for sub in found:
@@ -288,36 +316,50 @@ def _grade_in(workdir: Path, found: list[Submission], timeout: int, progress: bo
         target = workdir / "submitted" / sub.student / sub.assignment / f"{sub.assignment}.ipynb"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(sub.path, target)  # reads the original only; its bytes and mtime stay
-        gradable.append(sub)
+        gradable.append(Submission(sub.student, sub.assignment, target))
 
     if gradable:
         generate_assignments(workdir, sorted({s.assignment for s in gradable}), config=config)
-    for i, sub in enumerate(gradable, 1):
+    sources, out = Sources(), sys.stdout
+
+    def one(sub: Submission) -> tuple[Result, NotebookResult | None]:
         if progress:
-            print(f"[{i}/{len(gradable)}] grading {sub.student}/{sub.assignment} ...", flush=True)
-        results.append(_autograde(config, sub, timeout))
+            print(f"grading {sub.student}/{sub.assignment} ...", file=out, flush=True)
+        return _grade_one(workdir, sources, sub, limits, use_sandbox, notebook_s)
+
+    # Submissions side by side, each in its own sandbox; the checks' ✔ lines are for
+    # notebooks, not for this log. The gradebook is written from this thread only.
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), \
+            ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        graded = list(pool.map(one, gradable))
+    for sub, (result, outcome) in zip(gradable, graded, strict=True):
+        if outcome is not None:
+            _record(config, sub, result, outcome)
+        results.append(result)
     return results
 
 
 def grade(submissions: Path, *, timeout: int = DEFAULT_TIMEOUT, keep: Path | None = None,
-          progress: bool = True) -> list[Result]:
-    """Autograde every submission under ``submissions``; return one Result per row."""
+          progress: bool = True, use_sandbox: bool = True, notebook_s: float = DEFAULT_NOTEBOOK_S,
+          memory_bytes: int | None = None, jobs: int = 2) -> list[Result]:
+    """Grade every submission under ``submissions``; return one Result per row.
+
+    Raises :class:`SandboxUnavailable` when ``use_sandbox`` and bubblewrap cannot run here.
+    """
+    limits = Limits(cell_s=timeout, call_s=timeout,
+                    **({"memory_bytes": memory_bytes} if memory_bytes else {}))
+    if use_sandbox:
+        probe(limits)
     found = discover(submissions, lesson_ids())
-    # The kernels nbgrader starts must import course_lib, installed or not.
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    workdir = Path(tempfile.mkdtemp(prefix="nbgrader-grading-"))
+    workdir = Path(tempfile.mkdtemp(prefix="course-grading-"))
     try:
         with warnings.catch_warnings():
-            # nbgrader 0.9 trips these two harmless warnings while it builds a
-            # submission's gradebook entries and when it re-inserts a deleted test
-            # cell; they say nothing about the submission, so exactly they are hidden.
+            # nbgrader 0.9 trips this harmless warning while it builds gradebook entries.
             warnings.filterwarnings("ignore", message=r"Object of type <Submitted\w+> not in session")
-            warnings.filterwarnings("ignore", message=r"Cell is missing an id field")
-            results = _grade_in(workdir, found, timeout, progress)
+            results = _grade_in(workdir, found, limits, use_sandbox, notebook_s, jobs, progress)
     finally:
         if keep is not None:
-            shutil.copytree(workdir, keep)
+            shutil.copytree(workdir, keep, ignore=shutil.ignore_patterns("sandbox"))
         shutil.rmtree(workdir, ignore_errors=True)
     return sorted(results, key=lambda r: (r.student, r.assignment))
 
@@ -348,25 +390,34 @@ def write_csv(results: list[Result], path: Path) -> Path:
     target = unused_path(path)
     with target.open("x", newline="", encoding="utf-8") as f:  # "x": never overwrite
         writer = csv.writer(f)
-        writer.writerow(["student", "assignment", *columns, "total", "max", "seconds", "status"])
+        writer.writerow(["student", "assignment", *columns, "total", "max", "seconds", "status", "flags"])
         for r in results:
             writer.writerow([
                 r.student, r.assignment,
                 *(_fmt(r.points.get(c)) if c in r.points else "" for c in columns),
                 _fmt(r.total), _fmt(r.max_points),
-                "" if r.seconds is None else f"{r.seconds:.1f}", r.status,
+                "" if r.seconds is None else f"{r.seconds:.1f}", r.status, "; ".join(r.flags),
             ])
     return target
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Autograde a folder of submissions (one sub-folder per student) with nbgrader.")
+        description="Grade a folder of submissions (one sub-folder per student) in a sandbox.")
     parser.add_argument("submissions", type=Path, help="folder with one sub-folder per student")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help="gradebook CSV (default: grading/gradebook.csv; never overwritten)")
     parser.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT,
-                        help=f"seconds each cell may run before it is interrupted (default {DEFAULT_TIMEOUT})")
+                        help=f"seconds for each exercise cell and each call of a student function "
+                             f"(default {DEFAULT_TIMEOUT})")
+    parser.add_argument("--notebook-timeout", type=int, default=DEFAULT_NOTEBOOK_S,
+                        help=f"seconds for all hidden tests of one submission (default {DEFAULT_NOTEBOOK_S})")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="submissions graded side by side, each in its own sandbox (default 2)")
+    parser.add_argument("--memory-gb", type=float, default=None,
+                        help="address-space limit of a student's process in GiB (default 8)")
+    parser.add_argument("--no-sandbox", action="store_true",
+                        help="run student code WITHOUT isolation (only for code you trust)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="copy the nbgrader course directory (autograded notebooks, gradebook.db) here")
     args = parser.parse_args(argv)
@@ -377,11 +428,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep is not None and args.keep.exists():
         parser.error(f"--keep {args.keep} exists already; choose a new folder")
 
-    results = grade(args.submissions.resolve(), timeout=args.timeout, keep=args.keep)
+    try:
+        results = grade(args.submissions.resolve(), timeout=args.timeout, keep=args.keep,
+                        use_sandbox=not args.no_sandbox, notebook_s=args.notebook_timeout, jobs=args.jobs,
+                        memory_bytes=int(args.memory_gb * 2**30) if args.memory_gb else None)
+    except SandboxUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for r in results:
         score = f"{_fmt(r.total) or '-'}/{_fmt(r.max_points) or '-'}"
         secs = "" if r.seconds is None else f"{r.seconds:5.1f} s"
-        print(f"{r.student:<16} {r.assignment:<28} {score:>9} {secs:>8}  {r.status}")
+        flags = f"  [flags: {'; '.join(r.flags)}]" if r.flags else ""
+        print(f"{r.student:<16} {r.assignment:<28} {score:>9} {secs:>8}  {r.status}{flags}")
     target = write_csv(results, args.output)
     if target != args.output:
         print(f"{args.output} exists and was not overwritten; wrote a new file instead.")

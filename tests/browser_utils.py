@@ -1,9 +1,11 @@
 """Helpers for the browser test: a private JupyterLab server and a notebook driven in Chromium.
 
-`test_browser.py` starts JupyterLab from this checkout's environment on a free localhost
-port, over a temporary folder that holds copies of the notebooks it opens (so nothing is
-written into the repository), and drives it with Playwright in Debian's Chromium, found
-by its path (Playwright never downloads a browser here).
+`test_browser.py` starts JupyterLab the way a learner does, with ``make lab`` (so the same
+options, the ``--allow-root`` that containers and CI need and the course settings in
+``.jupyter/``), on a free localhost port, over a temporary folder that holds copies of
+the notebooks it opens (so nothing is written into the repository), and drives it with
+Playwright in Debian's Chromium, found by its path (Playwright never downloads a
+browser here).
 
 Everything the server and its kernels write (runtime files, lab settings and workspaces,
 IPython history) goes to the temporary folder too; the lab extensions installed in the
@@ -17,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +37,9 @@ import psutil  # a dependency of ipykernel
 from playwright.sync_api import Page
 
 ROOT = Path(__file__).resolve().parent.parent
-JUPYTER = Path(sys.executable).parent / "jupyter"
+# `make lab` runs JupyterLab from the environment of the interpreter running the tests.
+BIN = Path(sys.executable).parent
+STAMP = ".venv/.course-installed"  # the Makefile's set-up stamp, never remade here (make -o)
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright drives it by path
 # Flags that keep Chromium quiet and offline-friendly in a container. Playwright adds
 # --headless and a fresh --user-data-dir itself.
@@ -125,27 +130,43 @@ def _private_env(work: Path) -> dict[str, str]:
     return env
 
 
-def _start(root_dir: Path, work: Path, port: int, token: str) -> LabServer:
-    log_path = work / f"jupyterlab-{port}.log"
-    command = [
-        str(JUPYTER), "lab",
+def lab_command(root_dir: Path, port: int, token: str) -> list[str]:
+    """``make lab`` serving ``root_dir`` on 127.0.0.1:``port`` with ``token``, no browser.
+
+    The Makefile's own recipe starts the server, so what runs here is what a learner runs
+    (``--allow-root`` included when the tests run as root, as on CI). ``-o`` keeps make
+    from re-running the set-up (pip) if requirements.txt is newer than the stamp.
+    """
+    make = shutil.which("make")
+    if make is None:
+        raise RuntimeError("`make` is not on PATH: the browser test starts JupyterLab with `make lab`")
+    options = [
         "--no-browser",
         f"--port={port}",
         "--ServerApp.ip=127.0.0.1",
         "--ServerApp.port_retries=0",  # fail instead of silently moving to another port
-        f"--ServerApp.root_dir={root_dir}",
-        "--ServerApp.open_browser=False",
         f"--IdentityProvider.token={token}",  # jupyter_server 2: the token lives here
         "--ServerApp.password=",
-        "--ServerApp.allow_root=True",  # CI containers run as root; it listens on 127.0.0.1 only
         "--LabApp.news_url=",  # offline: never ask for Jupyter news
     ]
+    return [
+        make, "--no-print-directory", "-C", str(ROOT), "-o", STAMP, "lab",
+        f"BIN={BIN}", f"LAB_ROOT={root_dir}", "LAB_ARGS=" + " ".join(options),
+    ]
+
+
+def _start(root_dir: Path, work: Path, port: int, token: str) -> LabServer:
+    log_path = work / f"jupyterlab-{port}.log"
+    env = _private_env(work)
+    for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"):
+        env.pop(name, None)  # under `make test`, the outer make's flags are not this one's
     with open(log_path, "wb") as log:
-        # A new session makes the server a process-group leader, so stop() can kill the
-        # whole group; kernels get sessions of their own and are stopped one by one.
+        # A new session makes make (and the server it starts) a process-group leader, so
+        # stop() can signal the whole group; kernels get sessions of their own and are
+        # stopped one by one.
         process = subprocess.Popen(
-            command, cwd=root_dir, env=_private_env(work), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            lab_command(root_dir, port, token), cwd=ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     return LabServer(process, port, token, root_dir, log_path)
 
@@ -264,23 +285,23 @@ def open_notebook(page: Page, server: LabServer, notebook: str, timeout_ms: floa
     wait_kernel_idle(page, timeout_ms)
 
 
+# True when the notebook has a kernel and the toolbar's indicator says it is idle.
+_KERNEL_IDLE_JS = f"""() => {{ {_ACTIVE_PANEL_JS}
+    if (!panel) return false;
+    const name = panel.querySelector('.jp-KernelName');
+    const ind = panel.querySelector('.jp-Notebook-ExecutionIndicator');
+    const kernel = name ? name.textContent.trim() : '';
+    return kernel !== '' && kernel !== 'No Kernel'
+           && ind !== null && ind.getAttribute('data-status') === 'idle'; }}"""
+
+
 def wait_kernel_idle(page: Page, timeout_ms: float) -> None:
     """Wait until the notebook has a kernel and the toolbar's indicator says it is idle.
 
     Before the kernel is connected the indicator can read idle too (with "No Kernel" as
     the kernel name); running cells then would open the kernel-selection dialog.
     """
-    page.wait_for_function(
-        f"""() => {{ {_ACTIVE_PANEL_JS}
-                   if (!panel) return false;
-                   const name = panel.querySelector('.jp-KernelName');
-                   const ind = panel.querySelector('.jp-Notebook-ExecutionIndicator');
-                   const kernel = name ? name.textContent.trim() : '';
-                   return kernel !== '' && kernel !== 'No Kernel'
-                          && ind !== null && ind.getAttribute('data-status') === 'idle'; }}""",
-        timeout=timeout_ms,
-        polling=250,
-    )
+    page.wait_for_function(_KERNEL_IDLE_JS, timeout=timeout_ms, polling=250)
 
 
 def click_menu(page: Page, menu: str, item: str) -> None:
@@ -312,6 +333,45 @@ def run_and_wait(page: Page, item: str, timeout_ms: float) -> list[dict[str, Any
     return cell_states(page)
 
 
+def run_all_and_wait(
+    page: Page, timeout_ms: float, quiet_s: float = 10.0
+) -> list[dict[str, Any]]:
+    """Click Run → Run All Cells; wait until every code cell has run, or Run All stopped.
+
+    When a cell fails, JupyterLab clears the ``[*]`` of the cells still queued behind it,
+    even those the kernel goes on to run (a ``raises-exception`` cell does not stop the
+    queue), so "no ``[*]`` left" does not mean done here. Done means every code cell
+    shows an execution count; stopped means no count changed for ``quiet_s`` seconds
+    while no cell showed ``[*]`` and the kernel was idle (the kernel dropped the rest of
+    the queue). The caller tells the two apart from the returned cell states.
+    """
+    click_menu(page, "Run", "Run All Cells")
+    deadline = time.monotonic() + timeout_ms / 1000
+    last: tuple[int | None, ...] = ()
+    quiet_since: float | None = None
+    while time.monotonic() < deadline:
+        states = cell_states(page)
+        code = [s for s in states if s["code"]]
+        counts = tuple(execution_count(s) for s in code)
+        if all(c is not None for c in counts):
+            wait_kernel_idle(page, timeout_ms)
+            return cell_states(page)
+        settled = (
+            counts == last
+            and not any("*" in s["prompt"] for s in code)
+            and page.evaluate(_KERNEL_IDLE_JS)
+        )
+        if not settled:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return states
+        last = counts
+        page.wait_for_timeout(500)
+    raise TimeoutError(f"Run All did not finish within {timeout_ms / 1000:.0f} s")
+
+
 def save(page: Page, timeout_ms: float) -> None:
     """Save the open notebook (File → Save) and wait until it is no longer marked dirty."""
     click_menu(page, "File", "Save Notebook")
@@ -329,18 +389,6 @@ def clear_all_outputs(page: Page, timeout_ms: float) -> None:
         f"""() => ({_CELL_STATES_JS})().filter(c => c.code)
                     .every(c => !/\\d/.test(c.prompt) && c.outputs.length === 0)""",
         timeout=timeout_ms,
-    )
-
-
-def select_cell(page: Page, index: int) -> None:
-    """Make cell ``index`` the active one by clicking its prompt area (stays in command mode)."""
-    cell = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell").nth(index)
-    cell.locator(".jp-InputPrompt").click()
-    page.wait_for_function(
-        """(i) => { const cells = document.querySelectorAll(
-                      '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell');
-                    return cells[i] && cells[i].classList.contains('jp-mod-active'); }""",
-        arg=index,
     )
 
 

@@ -2,7 +2,9 @@
 
 Oracles are independent of the code under test where one exists: torch's own
 fake-quantization for the weights, torch.nn.utils.prune for the masks, brute force
-and hand-worked examples for the allocator, hand-counted bytes for the sizes.
+and hand-worked examples for the allocator, hand-counted bytes for the sizes, Lloyd's
+algorithm written out plainly for k-means, and ordinary autograd on the shared weight for
+the centroid fine-tuning.
 """
 
 from __future__ import annotations
@@ -422,3 +424,201 @@ def test_prune_then_quantize_keeps_zeros_and_counts_them() -> None:
     for combo in itertools.product((8, 4, 2), repeat=3):
         with C.quantized_weights(model, dict(zip(["conv1", "conv2", "fc"], combo, strict=True))):
             assert torch.isfinite(model(x)).all()
+
+
+# --------------------------------------------------------------------------- pruning per layer
+def test_pruned_weights_zeroes_then_restores() -> None:
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    masks = {"conv2": C.magnitude_mask(model.conv2.weight, 0.5)}
+    with C.pruned_weights(model, masks):
+        assert torch.equal(model.conv2.weight, before["conv2.weight"] * masks["conv2"])
+        assert torch.equal(model.fc.weight, before["fc.weight"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_pruning_sensitivity_matches_pruning_one_layer_by_hand() -> None:
+    model = small_net()
+    torch.manual_seed(3)
+    x, y = torch.randn(40, 1, 6, 6), torch.randint(0, 5, (40,))
+    ref = model(x).detach()
+    scan = C.pruning_sensitivity(model, x, y, (0.5, 0.9))
+    assert list(scan) == ["0", "3"] and list(scan["3"]) == [0.5, 0.9]
+    for name, idx in (("0", 0), ("3", 3)):
+        for sparsity in (0.5, 0.9):
+            pruned = copy.deepcopy(model)
+            w = pruned[idx].weight
+            with torch.no_grad():
+                w.mul_(torch_mask(prune.l1_unstructured, w, sparsity))
+            logits = pruned(x).detach()
+            point = scan[name][sparsity]
+            assert point.accuracy == (logits.argmax(1) == y).double().mean().item()
+            want = float(((logits.double() - ref.double()) ** 2).sum() / (ref.double() ** 2).sum())
+            assert point.relative_mse == pytest.approx(want, rel=1e-5)
+            assert point.sqnr_db == pytest.approx(-10 * math.log10(want), rel=1e-5)
+    assert scan["3"][0.9].relative_mse > scan["3"][0.5].relative_mse
+    assert torch.equal(model(x), ref)  # the model came back unchanged
+
+
+def test_pruning_masks_accept_one_sparsity_per_layer() -> None:
+    model = tiny_model()
+    masks = C.pruning_masks(model, {"conv2": 0.25, "fc": 0.9}, "layer")
+    assert bool(masks["conv1"].all())  # not in the mapping: kept
+    assert torch.equal(masks["conv2"], C.magnitude_mask(model.conv2.weight, 0.25))
+    assert torch.equal(masks["fc"], C.magnitude_mask(model.fc.weight, 0.9))
+    channel = C.pruning_masks(model, {"conv1": 0.5}, "channel")
+    assert int(channel["conv1"].reshape(16, -1).all(dim=1).sum()) == 8
+    with pytest.raises(ValueError, match="global"):
+        C.pruning_masks(model, {"fc": 0.5}, "global")
+    with pytest.raises(ValueError, match="bn1"):
+        C.pruning_masks(model, {"bn1": 0.5}, "layer")
+
+
+def test_allocate_sparsities_is_the_exhaustive_optimum_and_meets_the_target() -> None:
+    model = tiny_model()
+    levels = (0.5, 0.8, 0.95)
+    rng = np.random.default_rng(0)
+    scan = {n: {p: C.PruningSensitivity(n, p, 0.5, float(rng.random() * p)) for p in levels}
+            for n in ("conv1", "conv2", "fc")}
+    numel = {n: m.weight.numel() for n, m in C.weight_layers(model).items()}
+    total = sum(numel.values())
+    for target in (0.3, 0.6, 0.85):
+        got = C.allocate_sparsities(scan, model, target)
+        kept = sum(numel[n] - round(p * numel[n]) for n, p in got.items())
+        assert kept <= total - round(target * total)
+        best = min(
+            (combo for combo in itertools.product((0.0, *levels), repeat=3)
+             if sum(numel[n] - round(p * numel[n]) for n, p in zip(numel, combo, strict=True))
+             <= total - round(target * total)),
+            key=lambda combo: sum(0.0 if p == 0 else scan[n][p].relative_mse
+                                  for n, p in zip(numel, combo, strict=True)))
+        cost = sum(0.0 if p == 0 else scan[n][p].relative_mse for n, p in got.items())
+        assert cost == pytest.approx(sum(0.0 if p == 0 else scan[n][p].relative_mse
+                                         for n, p in zip(numel, best, strict=True)))
+    with pytest.raises(ValueError):
+        C.allocate_sparsities(scan, model, 0.99)  # beyond what 95 % per layer can give
+
+
+# --------------------------------------------------------------------------- k-means
+def test_kmeans_1d_finds_well_separated_clusters() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([-2.0, 0.1, 3.0])
+    values = torch.cat([c + 0.01 * torch.randn(50, generator=g) for c in centres])
+    centroids, idx = C.kmeans_1d(values, 3)
+    assert centroids.dtype == torch.float32 and idx.dtype == torch.int64 and idx.shape == values.shape
+    assert torch.equal(idx, torch.arange(3).repeat_interleave(50))
+    for k in range(3):
+        assert centroids[k].item() == pytest.approx(values[idx == k].double().mean().item(), abs=1e-6)
+
+
+def lloyd_by_the_book(v: np.ndarray, k: int, iterations: int) -> np.ndarray:
+    """Oracle: Lloyd's algorithm written out plainly (a distance matrix and argmin, not midpoints)."""
+    c = np.linspace(v.min(), v.max(), k)
+    for _ in range(iterations):
+        idx = np.abs(v[:, None] - c[None, :]).argmin(axis=1)  # ties: the lower index, like argmin
+        new = np.array([v[idx == j].mean() if (idx == j).any() else c[j] for j in range(k)])
+        if np.array_equal(new, c):
+            break
+        c = new
+    return c
+
+
+def test_kmeans_1d_matches_lloyd_by_the_book_from_the_same_linear_start() -> None:
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(2000, generator=g) * torch.rand(2000, generator=g)  # peaked, heavy tails
+    for k in (4, 8, 16):
+        centroids, _ = C.kmeans_1d(values, k, iterations=300)
+        want = lloyd_by_the_book(values.double().numpy(), k, 300)
+        np.testing.assert_allclose(centroids.numpy(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_kmeans_indices_point_to_the_nearest_centroid_and_beat_the_even_grid() -> None:
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 8, 3, 3, generator=g)
+    centroids, idx = C.kmeans_1d(w, 8)
+    assert idx.shape == w.shape and bool((centroids[1:] >= centroids[:-1]).all())
+    dist = (w.unsqueeze(-1) - centroids).abs()
+    assert torch.allclose(dist.gather(-1, idx.unsqueeze(-1)).squeeze(-1), dist.min(dim=-1).values)
+    grid = torch.linspace(float(w.min()), float(w.max()), 8)  # the initialisation
+    err_grid = (w.unsqueeze(-1) - grid).abs().min(dim=-1).values.pow(2).sum()
+    err_kmeans = (w - centroids[idx]).pow(2).sum()
+    assert err_kmeans < 0.8 * err_grid
+
+
+def test_kmeans_1d_keeps_an_empty_centroid_and_rejects_bad_input() -> None:
+    centroids, idx = C.kmeans_1d(torch.tensor([0.0, 0.0, 1.0, 1.0]), 3)
+    assert centroids.tolist() == [0.0, 0.5, 1.0] and idx.tolist() == [0, 0, 2, 2]
+    with pytest.raises(ValueError):
+        C.kmeans_1d(torch.tensor([]), 2)
+    with pytest.raises(ValueError):
+        C.kmeans_1d(torch.arange(4), 2)
+    with pytest.raises(ValueError):
+        C.kmeans_codebook(torch.randn(4), 0)
+
+
+def test_codebook_bytes_by_hand() -> None:
+    model = tiny_model()
+    books = C.kmeans_codebooks(model, 3)
+    assert books["fc"].nbytes == math.ceil(15680 * 3 / 8) + 4 * 8
+    assert books["conv1"].nbytes == 54 + 32  # 144 × 3 bits = 54 bytes
+    # biases + BatchNorm (250 floats) as in model_bytes
+    assert C.codebook_model_bytes(model, books) == 54 + 1728 + 5880 + 3 * 32 + 250 * 4
+    partial = C.kmeans_codebooks(model, {"fc": 2})
+    assert list(partial) == ["fc"]
+    assert C.codebook_model_bytes(model, partial) == 4 * (144 + 4608) + 3920 + 16 + 250 * 4
+
+
+def test_codebook_weights_share_values_and_restore() -> None:
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    books = C.kmeans_codebooks(model, 2)
+    with C.codebook_weights(model, books):
+        for name, layer in C.weight_layers(model).items():
+            assert torch.equal(layer.weight, books[name].centroids[books[name].indices])
+            assert layer.weight.unique().numel() <= 4
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError):
+        with C.codebook_weights(model, {"fc": books["conv1"]}):
+            pass
+
+
+def test_fine_tune_centroids_sums_the_gradients_of_shared_weights() -> None:
+    model = small_net()
+    before = copy.deepcopy(model.state_dict())
+    books = C.kmeans_codebooks(model, 2)
+    torch.manual_seed(4)
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 5, (16,))
+    # the oracle: ordinary autograd on W = C[I], then the per-centroid sum written as a loop
+    shared = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, book in books.items():
+            dict(shared.named_modules())[name].weight.copy_(book.weight())
+    nn.functional.cross_entropy(shared(x), y).backward()
+    lr = 1e-3
+    tuned = C.fine_tune_centroids(model, books, [(x, y)], steps=1, lr=lr)
+    for name, book in books.items():
+        grad_w = dict(shared.named_modules())[name].weight.grad
+        grad_c = torch.stack([grad_w[book.indices == k].sum() for k in range(4)])
+        # Adam's first step moves each parameter by lr · sign(gradient)
+        want = book.centroids - lr * torch.sign(grad_c)
+        assert torch.allclose(tuned[name].centroids, want, atol=1e-7), name
+        assert torch.equal(tuned[name].indices, book.indices)
+    for key, value in model.state_dict().items():  # the model itself is untouched
+        assert torch.equal(value, before[key]), key
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_fine_tune_centroids_lowers_the_loss() -> None:
+    model = small_net()
+    torch.manual_seed(5)
+    x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 5, (64,))
+    books = C.kmeans_codebooks(model, 2)
+
+    def loss(b):
+        with C.codebook_weights(model, b):
+            return nn.functional.cross_entropy(model(x), y).item()
+
+    tuned = C.fine_tune_centroids(model, books, [(x, y)], steps=40, lr=1e-2)
+    assert loss(tuned) < loss(books)

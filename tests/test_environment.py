@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import re
+import tomllib
 
 import pytest
 import yaml
@@ -48,8 +49,9 @@ def test_environment_yml_matches_requirements() -> None:
 def test_environment_yml_python_version_matches_pyproject() -> None:
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pythons = [d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python")]
-    assert pythons == ["python=3.11"]
-    assert 'requires-python = ">=3.11,<3.12"' in (ROOT / "pyproject.toml").read_text()
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    low = re.match(r">=(\d+\.\d+)", requires)
+    assert low and pythons == [f"python={low[1]}"], f"environment.yml {pythons}, pyproject {requires!r}"
 
 
 @pytest.mark.parametrize("name", ["torch", "torchvision", "numpy", "nbgrader", "nbval", "jupyterlab"])
@@ -60,6 +62,10 @@ def test_installed_versions_are_the_pinned_ones(name: str) -> None:
 
 
 def test_torch_and_torchvision_are_the_matching_pair() -> None:
-    req = requirements()
-    assert (req["torch"], req["torchvision"]) == ("2.14.1", "0.29.1")
-    import torchvision  # noqa: F401  (a mismatched pair fails at import)
+    """torchvision's compiled operators load against this torch (a mismatched pair fails here)."""
+    import torch
+    import torchvision
+
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [50.0, 50.0, 60.0, 60.0]])
+    keep = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.5)
+    assert keep.tolist() == [0, 2]

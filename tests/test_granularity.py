@@ -208,7 +208,6 @@ def test_quantize_model_weights_mixed_precision_mapping() -> None:
 
 @pytest.mark.parametrize("build", [TinyCNN, mobilenet_v2_small])
 def test_fold_batchnorms_agrees_with_torch_fuse_and_keeps_outputs(build) -> None:
-    pytest.importorskip("course_lib.kernels")
     torch.manual_seed(0)
     model = with_random_bn_stats(build())
     folded = gr.fold_batchnorms(model)
@@ -278,7 +277,6 @@ def test_pack_rejects_bits_that_do_not_fill_bytes() -> None:
 
 
 def test_rescale_depthwise_channels_keeps_the_function_and_spreads_ranges() -> None:
-    pytest.importorskip("course_lib.kernels")
     torch.manual_seed(0)
     model = with_random_bn_stats(mobilenet_v2_small())
     with pytest.raises(ValueError, match="fold"):
@@ -302,3 +300,28 @@ def test_rescale_depthwise_channels_keeps_the_function_and_spreads_ranges() -> N
         assert gr.count_zeroed_channels(after[n].weight, 8, "per-channel") == 0
     # ... per-tensor does: with 3 decades of spread many channels round to zero at 8 bits
     assert sum(gr.count_zeroed_channels(after[n].weight, 8, "per-tensor") for n in dw) > 100
+
+
+def test_mcnemar_counts_disagreements_and_exact_p_value() -> None:
+    a = torch.tensor([True] * 6 + [False] * 2 + [True] * 90 + [False] * 2)
+    b = torch.tensor([False] * 6 + [True] * 2 + [True] * 90 + [False] * 2)
+    n_ab, n_ba, p = gr.mcnemar(a, b)
+    assert (n_ab, n_ba) == (6, 2)
+    # two-sided exact binomial test of 2 successes in 8 trials at 1/2: 2 · 37/256
+    assert p == pytest.approx(2 * (1 + 8 + 28) / 256, rel=1e-12)
+    from scipy import stats as scipy_stats  # scikit-image brings scipy
+
+    assert p == pytest.approx(scipy_stats.binomtest(2, 8, 0.5).pvalue, rel=1e-12)
+    assert gr.mcnemar(b, a) == (2, 6, p)
+    assert gr.mcnemar(a, a) == (0, 0, 1.0)  # never disagree: no evidence either way
+    assert gr.mcnemar(torch.tensor([True, False]), torch.tensor([False, True]))[2] == 1.0
+
+
+@pytest.mark.parametrize("a, b", [
+    (torch.tensor([1, 0]), torch.tensor([True, False])),         # not boolean
+    (torch.tensor([True, False]), torch.tensor([True])),          # different lengths
+    (torch.ones(2, 2, dtype=torch.bool), torch.ones(2, 2, dtype=torch.bool)),  # not 1-D
+])
+def test_mcnemar_rejects_bad_input(a: torch.Tensor, b: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="boolean"):
+        gr.mcnemar(a, b)

@@ -717,3 +717,23 @@ def test_integer_layer_is_the_kernel(kind: str) -> None:
     np.testing.assert_array_equal(layer(x), expected)
     single = layer(x, single_rounding=True)
     assert np.abs(single.astype(np.int64) - expected).max() <= 1
+
+
+@needs_x86
+@pytest.mark.slow
+def test_real_fbgemm_avx2_kernel_is_the_emulation(integer_tinycnn) -> None:
+    # FBGEMM_ENABLE_INSTRUCTIONS=AVX2 makes fbgemm run its AVX2 kernels on any x86 CPU (VNNI or not):
+    # in a fresh process, engine fbgemm then equals the saturating emulation bit for bit.
+    _, net, test_x, _ = integer_tinycnn
+    x = test_x[:200]
+    real = K.torch_quantized_logits_in_subprocess(net, net.quantize_input(x), engine="fbgemm", instructions="AVX2")
+    assert real.dtype == np.int8 and real.shape == (200, 10)
+    np.testing.assert_array_equal(real, K.fbgemm_tinycnn_emulation(net, x))
+
+
+def test_torch_quantized_logits_in_subprocess_rejects_bad_input(integer_tinycnn) -> None:
+    _, net, test_x, _ = integer_tinycnn
+    with pytest.raises(ValueError):
+        K.torch_quantized_logits_in_subprocess(net, net.quantize_input(test_x[:2]), engine="no-such-engine")
+    with pytest.raises(ValueError):
+        K.torch_quantized_logits_in_subprocess(net, net.quantize_input(test_x[:2]).astype(np.int32))

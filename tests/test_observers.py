@@ -239,34 +239,69 @@ def test_mse_curve_total_is_rounding_plus_clipping_and_monotone_parts():
 # ---------------------------------------------------------------------------- KL
 
 
-def naive_kl_curve(counts: np.ndarray, levels: int) -> list[float]:
-    """Straight from the documented algorithm, with Python loops (an independent re-implementation)."""
-    n = len(counts)
+def nvidia_kl_curve(counts: np.ndarray, levels: int, start_bin: int = 128) -> list[float]:
+    """KL(P||Q) per candidate bin, written the way NVIDIA's ``_compute_amax_entropy``
+    (pytorch-quantization, calib/histogram.py) computes it: chunk boundaries from
+    ``np.linspace(0, i, levels + 1)`` and ``np.digitize``, empty bins left out of Q,
+    and the relative entropy of ``scipy.stats.entropy`` (both normalised; inf where Q = 0 < P).
+    An independent re-implementation with Python loops, for comparison."""
+
+    def entropy(p: list[float], q: list[float]) -> float:
+        ps, qs = sum(p), sum(q)
+        terms = [(pb / ps, qb / qs) for pb, qb in zip(p, q, strict=True) if pb > 0]
+        if any(qb == 0 for _, qb in terms):
+            return math.inf
+        return sum(pb * math.log(pb / qb) for pb, qb in terms)
+
     out = []
-    for i in range(levels, n + 1):
+    for i in range(start_bin, len(counts) + 1):
+        chunk_of = np.digitize(range(i), np.linspace(0, i, num=levels + 1)) - 1
+        totals, members = [0.0] * levels, [0] * levels
+        for b in range(i):
+            if counts[b] != 0:
+                totals[chunk_of[b]] += counts[b]
+                members[chunk_of[b]] += 1
+        q = [totals[chunk_of[b]] / members[chunk_of[b]] if counts[b] != 0 else 0.0 for b in range(i)]
         p = list(counts[:i])
         p[-1] += sum(counts[i:])
-        chunks = [[b for b in range(i) if b * levels // i == j] for j in range(levels)]
-        q = [0.0] * i
-        for chunk in chunks:
-            nonzero = [b for b in chunk if p[b] > 0]
-            for b in nonzero:
-                q[b] = sum(counts[c] for c in chunk) / len(nonzero)
-        ps, qs = sum(p), sum(q)
-        pairs = [(pb / ps, qb / qs) for pb, qb in zip(p, q, strict=True) if pb > 0]
-        qn = [max(qb, 1e-4) if qb == 0 else qb for _, qb in pairs]
-        qn = [qb / sum(qn) for qb in qn]
-        out.append(sum(pb * math.log(pb / qb) for (pb, _), qb in zip(pairs, qn, strict=True)))
+        out.append(float(entropy(p, q)))
     return out
 
 
-def test_kl_divergence_curve_follows_the_documented_algorithm():
+def test_kl_divergence_curve_matches_nvidias_algorithm():
     rng = np.random.default_rng(0)
     counts = np.round(np.abs(rng.normal(0, 1, 5_000)) * 7).clip(0, 40)
     counts = np.bincount(counts.astype(int), minlength=41)[:41].astype(float)
-    counts[38] = 0  # an empty bin next to the end: exercises the Q floor
+    counts[38] = 0  # an empty bin next to the end: the candidate i = 39 has P > 0 = Q there
     counts[40] += 3
-    np.testing.assert_allclose(ob.kl_divergence_curve(counts, 8), naive_kl_curve(counts, 8), rtol=1e-10)
+    for levels, start in [(8, 1), (8, 8), (16, 20), (64, 5)]:
+        got = ob.kl_divergence_curve(counts, levels, start)
+        want = nvidia_kl_curve(counts, levels, start)
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+    assert ob.kl_divergence(counts, 39, 8) == math.inf
+
+
+def test_kl_threshold_matches_nvidias_search():
+    # start at bin 128, bin 0 replaced by bin 1, the last of equal minima, the edge after bin i - 1
+    rng = np.random.default_rng(3)
+    x = np.abs(np.concatenate([rng.standard_t(3, 30_000), np.zeros(20_000)]))
+    counts, edges = np.histogram(x, bins=600, range=(0.0, x.max()))
+    counts = counts.astype(float)
+    for levels in (128, 256, 8):
+        bins = counts.copy()
+        bins[0] = bins[1]
+        curve = np.array(nvidia_kl_curve(bins, levels, 128))
+        last_argmin = len(curve) - 1 - int(np.argmin(curve[::-1]))
+        assert ob.kl_threshold(counts, edges, levels) == edges[128 + last_argmin]
+
+
+def test_kl_search_starts_at_bin_128_whatever_the_bits():
+    x = torch.cat([gaussian(100_000, seed=18), torch.tensor([60.0])])  # max|x| = 60, the bulk below 5
+    for bits in (8, 4, 3):
+        lo, hi = ob.kl_range(x, bits)
+        assert hi >= 60.0 * 128 / 2048 - 1e-9
+    # started at bin `levels` (a different method) it may go lower
+    assert ob.kl_range(x, 3, start_bin=4)[1] < ob.kl_range(x, 3)[1]
 
 
 def test_kl_range_clips_far_outliers_of_a_gaussian():
@@ -422,7 +457,7 @@ def test_other_bad_arguments_raise():
     with pytest.raises(ValueError, match="n_grid"):
         ob.mse_range(x, n_grid=1)
     with pytest.raises(ValueError, match="bins"):
-        ob.kl_range(x, bins=64)  # fewer bins than the 128 levels
+        ob.kl_range(x, bins=64)  # fewer bins than the start bin 128
     with pytest.raises(ValueError, match="edges"):
         ob.mse_range_from_histogram(np.ones(4), np.arange(4.0))
     with pytest.raises(ValueError, match="increasing"):
@@ -449,7 +484,10 @@ def test_with_method_reuses_the_histogram_without_sharing_it():
         obs.with_method("kl", colour="red")
 
 
-def test_kl_threshold_is_the_argmin_of_the_divergence_curve():
+def test_kl_threshold_is_the_last_argmin_of_the_divergence_curve():
     counts, edges = ob.histogram(gaussian(50_000, seed=17), 512, absolute=True)
-    curve = ob.kl_divergence_curve(counts, 32)
-    assert ob.kl_threshold(counts, edges, 32) == edges[32 + int(np.argmin(curve))]
+    bins = counts.copy()
+    bins[0] = bins[1]
+    curve = ob.kl_divergence_curve(bins, 32, 100)
+    last = len(curve) - 1 - int(np.argmin(curve[::-1]))
+    assert ob.kl_threshold(counts, edges, 32, 100) == edges[100 + last]

@@ -545,3 +545,68 @@ def test_train_qat_freezes_on_schedule_records_history_and_is_deterministic() ->
     qm2, hist2, _ = run()
     assert hist2["loss"] == hist["loss"]
     assert all(torch.equal(a, b) for a, b in zip(qm.state_dict().values(), qm2.state_dict().values(), strict=True))
+
+
+# ------------------------------------------------------------------ to the integer network
+
+
+def _frozen_qat_tinycnn(w_bits: int, seed: int = 0):
+    """A small QAT TinyCNN with BN frozen on random statistics (one γ negative), ranges frozen."""
+    from course_lib import models
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 1, 28, 28, generator=g)
+    qm = qat.prepare_qat(models.TinyCNN(channels=(4, 8)), w_bits, 8)
+    with torch.no_grad():
+        for bn in (qm.bn1, qm.bn2):
+            c = bn.num_features
+            bn.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+            bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            bn.bias.copy_(0.1 * torch.randn(c, generator=g))
+        qm.bn1.weight[1] = -qm.bn1.weight[1]  # a negative γ flips that channel's codes
+    qat.calibrate_observers(qm, x)
+    qat.freeze_bn(qm)
+    qat.freeze_observers(qm)
+    return qm.eval(), x
+
+
+def test_weight_codes_times_scale_is_the_fake_quantized_weight() -> None:
+    qm, _ = _frozen_qat_tinycnn(4)
+    for layer in (qm.conv1, qm.conv2, qm.fc):
+        codes = qat.weight_codes(layer)
+        assert codes.dtype == torch.int32 and int(codes.abs().max()) <= 7
+        scale = layer.weight_fq.scale.detach().reshape(-1, *([1] * (codes.dim() - 1)))
+        assert torch.equal(codes * scale, layer.weight_fq(layer.weight).detach())
+
+
+@pytest.mark.parametrize("w_bits", [8, 4, 2])
+def test_convert_to_integer_reproduces_the_fake_quantized_model(w_bits: int) -> None:
+    from course_lib import kernels
+
+    qm, x = _frozen_qat_tinycnn(w_bits)
+    net = qat.convert_to_integer(qm, x)
+    assert isinstance(net, kernels.IntegerTinyCNN)
+    # the integer weights are the trained codes, signs flipped where BN's γ < 0
+    flipped = qat.weight_codes(qm.conv1).clone()
+    flipped[1] = -flipped[1]
+    assert torch.equal(torch.from_numpy(net.conv1.weight_q).int(), flipped)
+    assert torch.equal(torch.from_numpy(net.fc.weight_q).int(), qat.weight_codes(qm.fc))
+    with torch.no_grad():
+        fq_logits = qm(x)
+    int_logits = torch.from_numpy(net.dequantize_logits(net(x)))
+    step = net.fc.output_scale
+    # within a few output steps (int8 logits, int32 biases, fixed-point requantization)
+    assert float((fq_logits - int_logits).abs().max()) <= 4 * step
+    assert float((int_logits.argmax(1) == fq_logits.argmax(1)).float().mean()) >= 0.9
+
+
+def test_convert_to_integer_rejects_unfrozen_bn_and_float_models() -> None:
+    from course_lib import models
+
+    qm = qat.calibrate_observers(qat.prepare_qat(models.TinyCNN(channels=(4, 8)), 8, 8), torch.randn(8, 1, 28, 28))
+    with pytest.raises(ValueError, match="freeze the BatchNorm"):
+        qat.convert_to_integer(qm, torch.randn(8, 1, 28, 28))
+    with pytest.raises(ValueError, match="QAT layers"):
+        qat.convert_to_integer(models.TinyCNN(channels=(4, 8)), torch.randn(8, 1, 28, 28))

@@ -3,13 +3,16 @@
 An unsolved exercise must not break the rest of a lesson: executed as shipped (every
 exercise still `raise NotImplementedError()`), a student notebook may fail only in its
 exercise and test cells, and every graded test cell must fail there, so that no check
-can pass on the stub.
+can pass on the stub. Exactly those cells carry the `raises-exception` tag, so that
+JupyterLab's Run All carries on past them to the end of the lesson
+(tests/test_browser.py clicks it).
 """
 
 from __future__ import annotations
 
 import re
 
+import nbformat
 import pytest
 from notebook_utils import (
     NOTEBOOKS,
@@ -25,6 +28,8 @@ from notebook_utils import (
     nbgrader,
     read,
 )
+
+from autograder import hidden
 
 LESSONS = lesson_ids()
 STUB = re.compile(r"# YOUR CODE HERE\n\s*raise NotImplementedError\(\)")  # nbgrader's code_stub, indented
@@ -73,10 +78,13 @@ def test_solution_follows_the_exercise_conventions(lesson: str) -> None:
         meta = nbgrader(cell)
         gid = meta["grade_id"]
         assert gid.startswith("test-") and meta.get("locked") and float(meta.get("points", 0)) > 0, meta
-        visible, _, hidden = cell.source.partition("### BEGIN HIDDEN TESTS")
-        assert "grading.check" in visible, f"{gid}: no visible check before the hidden tests"
-        assert "### END HIDDEN TESTS" in hidden, f"{gid}: no hidden tests"
-        assert "reference_disabled" in hidden, f"{gid}: hidden tests must switch the references off"
+        assert "grading.check" in cell.source, f"{gid}: no visible check"
+        # The hidden tests run in the grader (autograder/hidden/), never in the notebook.
+        assert "HIDDEN TESTS" not in cell.source and "reference_disabled" not in cell.source, gid
+    cases = hidden.load(lesson).cases
+    assert list(cases) == [grade_id(c) for c in tests], f"{lesson}: one hidden test per graded test cell"
+    for case in cases.values():
+        assert case.disabled, f"{case.grade_id}: a hidden test switches the library's own answer off"
     for cell in nb.cells:
         if not nbgrader(cell):
             assert "BEGIN SOLUTION" not in cell.source and "BEGIN HIDDEN" not in cell.source
@@ -94,6 +102,40 @@ def test_student_notebook_hides_solutions_and_hidden_tests(lesson: str) -> None:
             assert STUB.search(cell.source), f"{grade_id(cell)} does not carry the nbgrader stub"
         if is_test_cell(cell):
             assert cell.metadata.get("editable") is False and cell.metadata.get("deletable") is False
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_student_notebook_tags_exactly_the_cells_that_may_fail(lesson: str) -> None:
+    nb = read(NOTEBOOKS / f"{lesson}.ipynb")
+    may_fail = [i for i, c in enumerate(nb.cells) if is_exercise_cell(c) or is_test_cell(c)]
+    tagged = [i for i, c in enumerate(nb.cells) if build.MAY_FAIL_TAG in c.metadata.get("tags", [])]
+    assert may_fail, "a lesson has exercise and test cells"
+    assert tagged == may_fail, (
+        f"cells tagged {build.MAY_FAIL_TAG!r}: {tagged}; exercise and test cells: {may_fail} "
+        "(run `make student-notebooks`)"
+    )
+    assert all(nb.cells[i].cell_type == "code" for i in tagged)
+    # The solution stays untagged: a failing cell there is a bug that nbval must report.
+    solution = read(SOLUTIONS / f"{lesson}.ipynb")
+    assert not [c for c in solution.cells if build.MAY_FAIL_TAG in c.metadata.get("tags", [])]
+
+
+def test_tagging_marks_exercises_and_checks_only() -> None:
+    v4 = nbformat.v4
+    exercise = v4.new_code_cell("raise NotImplementedError()", metadata={
+        "nbgrader": {"solution": True, "grade": False, "grade_id": "ex-a"}, "tags": ["keep"]})
+    check = v4.new_code_cell("check()", metadata={
+        "nbgrader": {"solution": False, "grade": True, "locked": True, "grade_id": "test-a"}})
+    locked = v4.new_code_cell("x = 1", metadata={
+        "nbgrader": {"solution": False, "grade": False, "locked": True, "grade_id": "setup"}})
+    stray = v4.new_code_cell("y = 2", metadata={"tags": [build.MAY_FAIL_TAG]})
+    prose = v4.new_markdown_cell("text", metadata={"nbgrader": {"solution": True, "grade": True}})
+    nb = v4.new_notebook(cells=[exercise, check, locked, stray, prose])
+    build.tag_cells_that_may_fail(nb)
+    build.tag_cells_that_may_fail(nb)  # idempotent
+    assert [c.metadata.get("tags") for c in nb.cells] == [
+        ["keep", build.MAY_FAIL_TAG], [build.MAY_FAIL_TAG], None, None, None,
+    ]
 
 
 @pytest.mark.slow

@@ -1,0 +1,176 @@
+"""Grade one submitted notebook: each hidden test in its own process, in one sandbox.
+
+``grade_notebook`` is what ``scripts/grade.py`` (``make grade``) and
+``python -m autograder.selftest`` call. The verdict is computed here, in the grader's
+process, from plain data that the student's process sent back.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+
+import course_lib
+
+from . import hidden, sandbox
+from .session import GraderError, Program, Sandbox, Student, StudentError
+
+REPO = Path(__file__).resolve().parent.parent
+SOLUTIONS = REPO / "solutions"
+course_lib.filter_quantization_warnings()  # the hidden tests build quantized tensors on purpose
+
+
+@dataclass
+class TestResult:
+    grade_id: str
+    max_points: float
+    points: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class NotebookResult:
+    tests: dict[str, TestResult] = field(default_factory=dict)
+    cell_errors: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    timed_out: bool = False
+
+
+def _meta(cell: nbformat.NotebookNode) -> dict:
+    return cell.get("metadata", {}).get("nbgrader", {}) or {}
+
+
+def lesson_layout(lesson: str) -> tuple[str, dict[str, float], list[str]]:
+    """(set-up cell source, {test grade_id: points}, exercise grade_ids) of a solution notebook."""
+    nb = nbformat.read(SOLUTIONS / f"{lesson}.ipynb", as_version=4)
+    setup = next(c.source for c in nb.cells if c.cell_type == "code")
+    points = {_meta(c)["grade_id"]: float(_meta(c)["points"]) for c in nb.cells
+              if _meta(c).get("grade") and not _meta(c).get("solution")}
+    exercises = [_meta(c)["grade_id"] for c in nb.cells if _meta(c).get("solution")]
+    return setup, points, exercises
+
+
+def exercise_cells(nb: nbformat.NotebookNode, exercise_ids: list[str]) -> list[tuple[str, str]]:
+    """(grade_id, source) of the submission's exercise cells, in notebook order, once each."""
+    wanted, seen, cells = set(exercise_ids), set(), []
+    for cell in nb.cells:
+        gid = _meta(cell).get("grade_id")
+        if cell.get("cell_type") == "code" and gid in wanted and gid not in seen:
+            seen.add(gid)
+            cells.append((gid, cell.source))
+    return cells
+
+
+def _imports(source: str) -> set[str]:
+    names = set()
+    try:
+        tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    except SyntaxError:
+        return names
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+# ast.parse in two threads at once raised "AST constructor recursion depth mismatch" on CPython 3.11.7.
+_AST_LOCK = threading.Lock()
+
+
+@functools.cache
+def preload_modules(setup: str) -> tuple[str, ...]:
+    """Third-party modules the set-up cell imports, directly or through course_lib."""
+    with _AST_LOCK:
+        return _preload_modules(setup)
+
+
+def _preload_modules(setup: str) -> tuple[str, ...]:
+    seen, todo, outside = set(), sorted(_imports(setup)), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name == "course_lib" or name.startswith("course_lib."):
+            path = sandbox.COURSE_LIB / ("__init__.py" if name == "course_lib" else f"{name.split('.')[1]}.py")
+            if path.is_file():
+                todo += sorted(_imports(path.read_text()) - seen)
+        else:
+            outside.add(name)
+    return tuple(sorted(outside))
+
+
+class Sources:
+    """Each hidden test's course_lib sources (its references disabled), built once per batch."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], tuple[dict[str, str], list[str]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, lesson: str, case: hidden.Case) -> tuple[dict[str, str], list[str]]:
+        with self._lock:
+            key = (lesson, case.grade_id)
+            if key not in self._cache:
+                with _AST_LOCK:
+                    self._cache[key] = sandbox.course_sources(case.disabled)
+            return self._cache[key]
+
+
+def grade_notebook(lesson: str, nb: nbformat.NotebookNode, *, workdir: Path,
+                   sources: Sources | None = None, limits: sandbox.Limits | None = None,
+                   use_sandbox: bool = True, notebook_s: float = 600.0) -> NotebookResult:
+    """Run every hidden test of ``lesson`` against the exercise cells of ``nb``."""
+    limits = limits or sandbox.Limits()
+    sources = sources or Sources()
+    tests = hidden.load(lesson)
+    setup, points, exercise_ids = lesson_layout(lesson)
+    missing = set(points) - set(tests.cases)
+    extra = set(tests.cases) - set(points)
+    if missing or extra:
+        raise GraderError(f"{lesson}: hidden tests missing for {sorted(missing)}, "
+                          f"for no graded cell: {sorted(extra)}")
+    program = Program(setup=setup, context=tests.context, cells=exercise_cells(nb, exercise_ids))
+    result = NotebookResult()
+    start = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    root = sandbox.build_course_root(workdir / "course")
+    box = Sandbox(root, limits, workdir / "worker.log", list(preload_modules(setup)), use_sandbox=use_sandbox)
+    try:
+        for grade_id, max_points in points.items():
+            outcome = result.tests[grade_id] = TestResult(grade_id, max_points)
+            if time.monotonic() - start > notebook_s:
+                result.timed_out = True
+                outcome.message = f"not run: the notebook's {notebook_s:g} s time limit was used up"
+                continue
+            case = tests.cases[grade_id]
+            course, in_memory = sources.get(lesson, case)
+            student = Student(box, program, course, in_memory,
+                              call_s=None if case.timeout is None else max(case.timeout, limits.call_s))
+            try:
+                case.run(student)
+            except GraderError:
+                raise
+            except StudentError as exc:
+                outcome.message = str(exc)
+            except AssertionError as exc:  # grading.check: the value is wrong
+                outcome.message = str(exc)
+            except Exception as exc:  # the returned value could not even be compared
+                outcome.message = f"the returned value could not be checked: {type(exc).__name__}: {exc}"
+            else:
+                outcome.points = max_points
+                outcome.message = "passed"
+            finally:
+                student.close()
+                result.cell_errors.update(student.cell_errors)
+    finally:
+        box.kill()
+    result.seconds = time.monotonic() - start
+    return result
