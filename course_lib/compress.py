@@ -62,7 +62,7 @@ import math
 import os
 import tempfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -112,6 +112,7 @@ __all__ = [
     "pruning_masks",
     "pruning_sensitivity",
     "quantized_weights",
+    "replaced_weights",
     "sensitivity_sweep",
     "top1",
     "weight_bytes",
@@ -157,13 +158,25 @@ def quantized_weights(model: nn.Module, bits: int | Mapping[str, int]) -> Iterat
     biases, BatchNorm and activations stay float32. Swapping in place instead of copying
     the model keeps a 150-point sensitivity sweep cheap.
     """
-    layers = weight_layers(model)
     plan = {n: b for n, b in _bits_plan(model, bits).items() if b != FLOAT_BITS}
-    saved = {n: layers[n].weight.detach().clone() for n in plan}
+    with replaced_weights(model, {n: (lambda w, b=b: granularity.fake_quantize_weight(w, b))
+                                  for n, b in plan.items()}):
+        yield model
+
+
+@contextlib.contextmanager
+def replaced_weights(model: nn.Module, new_weight: Mapping[str, Callable[[Tensor], Tensor]]) -> Iterator[nn.Module]:
+    """Temporarily set each named layer's weight to ``new_weight[name](float weight)``.
+
+    The float weights are copied first and written back on exit, even after an error:
+    swapping in place instead of copying the model keeps sweeps over many layers cheap.
+    """
+    layers = weight_layers(model)
+    saved = {n: layers[n].weight.detach().clone() for n in new_weight}
     try:
         with torch.no_grad():
-            for name, b in plan.items():
-                layers[name].weight.copy_(granularity.fake_quantize_weight(saved[name], b))
+            for name, make in new_weight.items():
+                layers[name].weight.copy_(make(saved[name]))
         yield model
     finally:
         with torch.no_grad():
@@ -635,15 +648,9 @@ class PruningSensitivity:
 @contextlib.contextmanager
 def pruned_weights(model: nn.Module, masks: Mapping[str, Tensor]) -> Iterator[nn.Module]:
     """Temporarily zero the masked-out weights (``w · mask``); the weights come back on exit."""
-    layers = _check_masks(model, masks)
-    saved = {n: layers[n].weight.detach().clone() for n in masks}
-    try:
-        apply_masks(model, masks)
+    _check_masks(model, masks)
+    with replaced_weights(model, {n: (lambda w, m=m: w * m.to(w.dtype)) for n, m in masks.items()}):
         yield model
-    finally:
-        with torch.no_grad():
-            for name, w in saved.items():
-                layers[name].weight.copy_(w)
 
 
 def pruning_sensitivity(
@@ -964,16 +971,8 @@ def codebook_weights(model: nn.Module, codebooks: Mapping[str, Codebook]) -> Ite
     for name, cb in codebooks.items():
         if name not in layers or cb.indices.shape != layers[name].weight.shape:
             raise ValueError(f"codebook {name!r} does not fit a Conv2d/Linear weight of the model")
-    saved = {n: layers[n].weight.detach().clone() for n in codebooks}
-    try:
-        with torch.no_grad():
-            for name, cb in codebooks.items():
-                layers[name].weight.copy_(cb.weight())
+    with replaced_weights(model, {n: (lambda _w, cb=cb: cb.weight()) for n, cb in codebooks.items()}):
         yield model
-    finally:
-        with torch.no_grad():
-            for name, w in saved.items():
-                layers[name].weight.copy_(w)
 
 
 def fine_tune_centroids(
