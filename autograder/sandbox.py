@@ -137,11 +137,12 @@ def bwrap_command(course_root: Path, limits: Limits) -> list[str]:
     for etc in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
                 "/etc/alternatives", "/etc/ssl/certs"):
         cmd += ["--ro-bind-try", etc, etc]
+    # The private /tmp first: a Python installation that lives under /tmp (a checkout's
+    # .venv there) is then bound on top of it instead of being hidden by it.
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp"]
     for d in _python_dirs():
         cmd += ["--ro-bind", d, d]
-    cmd += ["--proc", "/proc", "--dev", "/dev",
-            "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
-            "--ro-bind", str(course_root), SANDBOX_ROOT,
+    cmd += ["--ro-bind", str(course_root), SANDBOX_ROOT,
             "--ro-bind", str(DATA), f"{SANDBOX_ROOT}/data",
             "--chdir", "/tmp", "--clearenv",
             "--setenv", "HOME", "/tmp", "--setenv", "PATH", "/usr/bin:/bin",
