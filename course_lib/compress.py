@@ -205,6 +205,11 @@ def top1(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(dim=1) == labels).double().mean())
 
 
+def _sqnr_db(relative_mse: float) -> float:
+    """``-10 · log10(relative_mse)``; +inf when the logits did not change at all."""
+    return math.inf if relative_mse == 0 else -10.0 * math.log10(relative_mse)
+
+
 @dataclass(frozen=True)
 class Sensitivity:
     """One point of a sensitivity sweep: ``layer`` quantized to ``bits``, all else float."""
@@ -216,8 +221,7 @@ class Sensitivity:
 
     @property
     def sqnr_db(self) -> float:
-        """``-10 · log10(relative_mse)``; +inf when the logits did not change at all."""
-        return math.inf if self.relative_mse == 0 else -10.0 * math.log10(self.relative_mse)
+        return _sqnr_db(self.relative_mse)
 
 
 def layer_sensitivity(
@@ -641,8 +645,7 @@ class PruningSensitivity:
 
     @property
     def sqnr_db(self) -> float:
-        """``-10 · log10(relative_mse)``; +inf when the logits did not change at all."""
-        return math.inf if self.relative_mse == 0 else -10.0 * math.log10(self.relative_mse)
+        return _sqnr_db(self.relative_mse)
 
 
 @contextlib.contextmanager
