@@ -67,7 +67,8 @@ def exercise_cells(nb: nbformat.NotebookNode, exercise_ids: list[str]) -> list[t
     return cells
 
 
-def _imports(source: str) -> set[str]:
+def _imports(source: str, package: str = "") -> set[str]:
+    """Modules that ``source`` imports; ``package`` resolves its relative imports."""
     names = set()
     try:
         tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
@@ -76,9 +77,28 @@ def _imports(source: str) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                if not package:
+                    continue
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module
+            names.add(module)
+            if module.split(".")[0] == "course_lib":  # `from course_lib.mcu import planner`
+                names |= {f"{module}.{alias.name}" for alias in node.names}
     return names
+
+
+def _course_module(name: str) -> tuple[Path, str] | None:
+    """course_lib's source file of module ``name`` and the package its relative imports start from."""
+    folder = sandbox.COURSE_LIB.joinpath(*name.split(".")[1:])
+    if (folder / "__init__.py").is_file():
+        return folder / "__init__.py", name
+    if folder.with_suffix(".py").is_file():
+        return folder.with_suffix(".py"), name.rsplit(".", 1)[0]
+    return None
 
 
 # ast.parse in two threads at once raised "AST constructor recursion depth mismatch" on CPython 3.11.7.
@@ -100,9 +120,9 @@ def _preload_modules(setup: str) -> tuple[str, ...]:
             continue
         seen.add(name)
         if name == "course_lib" or name.startswith("course_lib."):
-            path = sandbox.COURSE_LIB / ("__init__.py" if name == "course_lib" else f"{name.split('.')[1]}.py")
-            if path.is_file():
-                todo += sorted(_imports(path.read_text()) - seen)
+            found = _course_module(name)
+            if found:
+                todo += sorted(_imports(found[0].read_text(), package=found[1]) - seen)
         else:
             outside.add(name)
     return tuple(sorted(outside))

@@ -1,8 +1,9 @@
 """Where the student's code runs: a bubblewrap sandbox around a private copy of the course.
 
 The grader writes a *course root* into its own temporary folder (the worker, its
-message codec and a mount point for the data; no course_lib: each test's child gets
-its own disabled copy of the sources over the pipe, see worker.py) and starts
+message codec, a mount point for the data and course_lib's C files, but no course_lib
+Python: each test's child gets its own disabled copy of the sources over the pipe, see
+worker.py) and starts
 ``python -E -s /course/worker.py`` in ``bwrap`` with: every namespace
 unshared (no network, own PIDs, IPC, UTS, user), all capabilities dropped, a new
 session (no terminal), killed with its parent; the system's ``/usr`` and the Python
@@ -30,6 +31,7 @@ REPO = HERE.parent
 COURSE_LIB = REPO / "course_lib"
 DATA = REPO / "data"
 SANDBOX_ROOT = "/course"  # where the course root appears inside the sandbox
+PACKAGE_DATA_SUFFIXES = (".c", ".h", ".ld")  # non-Python files of course_lib the sandbox gets
 
 
 class SandboxUnavailable(RuntimeError):
@@ -84,8 +86,9 @@ def course_sources(disabled: Iterable[str]) -> tuple[dict[str, str], list[str]]:
     ``course_lib.*`` function or class named in ``disabled`` replaced by a raise.
     """
     sources = {}
-    for path in sorted(COURSE_LIB.glob("*.py")):
-        name = "course_lib" if path.stem == "__init__" else f"course_lib.{path.stem}"
+    for path in sorted(COURSE_LIB.rglob("*.py")):  # subpackages too (course_lib/mcu/)
+        parts = ("course_lib", *path.relative_to(COURSE_LIB).with_suffix("").parts)
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         sources[name] = path.read_text(encoding="utf-8")
     in_memory = []
     for path in disabled:
@@ -109,6 +112,13 @@ def build_course_root(root: Path) -> Path:
     shutil.copy2(HERE / "worker.py", root / "worker.py")
     shutil.copy2(HERE / "codec.py", root / "codec.py")
     (root / "data").mkdir()  # the shipped data is bound here, read-only
+    # course_lib's package data (lesson 09's C sources and linker script), never its Python:
+    # modules read it beside their __file__, which inside the sandbox is under /course.
+    for path in sorted(COURSE_LIB.rglob("*")):
+        if path.is_file() and path.suffix in PACKAGE_DATA_SUFFIXES and "__pycache__" not in path.parts:
+            target = root / "course_lib" / path.relative_to(COURSE_LIB)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
     return root
 
 
@@ -147,7 +157,9 @@ def bwrap_command(course_root: Path, limits: Limits) -> list[str]:
             "--chdir", "/tmp", "--clearenv",
             "--setenv", "HOME", "/tmp", "--setenv", "PATH", "/usr/bin:/bin",
             "--setenv", "LANG", "C.UTF-8", "--setenv", "MPLBACKEND", "Agg",
-            "--setenv", "MPLCONFIGDIR", "/tmp", "--setenv", "OMP_NUM_THREADS", "1",
+            "--setenv", "MPLCONFIGDIR", "/tmp",
+            # one thread per sandbox (two run at once): also caps the lessons' cl.use_threads(2)
+            "--setenv", "OMP_NUM_THREADS", "1", "--setenv", "COURSE_MAX_THREADS", "1",
             "--setenv", "PYTHONDONTWRITEBYTECODE", "1", "--setenv", "PYTHONHASHSEED", "0",
             "--setenv", "USER", "student", "--setenv", "TQDM_DISABLE", "1",
             "--uid", "65534", "--gid", "65534",

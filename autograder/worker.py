@@ -150,11 +150,11 @@ class _SourceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
         if name not in self._sources:
             return None
-        package = name == "course_lib"
+        package = any(key.startswith(name + ".") for key in self._sources)  # course_lib, course_lib.mcu
         origin = f"{COURSE_ROOT}/{name.replace('.', '/')}{'/__init__' if package else ''}.py"
         spec = importlib.machinery.ModuleSpec(name, self, origin=origin, is_package=package)
         spec.has_location = True
-        if package:
+        if package:  # submodules come from memory too (this finder answers them by name)
             spec.submodule_search_locations = []
         return spec
 

@@ -8,11 +8,19 @@ Each module is short enough to read beside the lesson that uses it:
 - ``qat``        fake quantization with a straight-through estimator, LSQ
 - ``data``       the shipped MNIST subset and its fixed split
 - ``models``     TinyCNN and a reduced-width MobileNetV2, shipped checkpoints
+- ``sizes``      byte accounting: packed codes, scales, zero points, biases, files (lessons 03, 07, 08)
+- ``compact``    structured pruning made real: TinyCNN rebuilt with fewer channels (lessons 07, 08)
+- ``export``     export and quantize per runtime: ExecuTorch (PT2E, XNNPACK), ONNX Runtime (QDQ) (lesson 08)
+- ``deploy``     runners, latency, peak memory, the deployment table (lesson 08)
+- ``hardware``   the CPU's int8 instructions; a Raspberry Pi budget from stated assumptions (lesson 08)
+- ``litert``     run the shipped ``.tflite`` files; read their int8 layers as lesson 04's kernels
+- ``timing``     interleaved timing and a bootstrap interval for a speed ratio
 - ``grading``    visible checks and hidden-test helpers for the exercises
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -34,3 +42,32 @@ def filter_quantization_warnings() -> None:
     """
     warnings.filterwarnings("ignore", message=QUANTIZED_TENSOR_WARNING, category=UserWarning)
     warnings.filterwarnings("ignore", message=TORCH_AO_DEPRECATION, category=DeprecationWarning)
+
+
+MAX_THREADS_VARIABLE = "COURSE_MAX_THREADS"
+
+
+def thread_cap(threads: int) -> int:
+    """``threads``, or fewer when ``$COURSE_MAX_THREADS`` caps it (see :func:`use_threads`)."""
+    cap = os.environ.get(MAX_THREADS_VARIABLE, "").strip()
+    if not cap:
+        return threads
+    if not cap.isdigit() or int(cap) < 1:
+        raise ValueError(f"{MAX_THREADS_VARIABLE}={cap!r}: expected a whole number of threads, at least 1")
+    return min(threads, int(cap))
+
+
+def use_threads(threads: int) -> int:
+    """``torch.set_num_threads(threads)``, capped by ``$COURSE_MAX_THREADS`` when it is set.
+
+    Lessons ask for the two cores of the course's reference laptop. Where several lessons
+    or graders share the cores (the test suite runs two at once; the grader runs two
+    sandboxes), the cap keeps each to one thread: threads that outnumber the free cores
+    spin-wait for each other and made lessons several times slower. Returns the number
+    of threads set.
+    """
+    import torch
+
+    threads = thread_cap(threads)
+    torch.set_num_threads(threads)
+    return threads

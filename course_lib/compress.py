@@ -59,8 +59,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -72,6 +70,15 @@ import torch.fx
 from torch import Tensor, nn
 
 from course_lib import granularity, quant
+from course_lib.sizes import (  # lesson 07's byte counts live in sizes
+    FLOAT_BITS,
+    model_bytes,
+    weight_bytes,
+    written_size,
+)
+from course_lib.sizes import SCALE_BYTES as _SCALE_BYTES
+from course_lib.sizes import bits_plan as _bits_plan
+from course_lib.sizes import other_float_bytes as _other_float_bytes
 
 __all__ = [
     "BIT_CHOICES",
@@ -122,31 +129,13 @@ __all__ = [
 ]
 
 BIT_CHOICES: tuple[int, ...] = (8, 4, 2)
-FLOAT_BITS = 32  # "bits" of a layer left in float32
 _PACKABLE = (2, 4, 8)  # widths that quant.pack_bits fills whole bytes with
-_SCALE_BYTES = 4  # one float32 scale per output channel
 
 
 # --------------------------------------------------------------------------- layers
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{name: module}`` of every Conv2d and Linear, in registration (forward) order."""
     return dict(granularity.quantizable_layers(model))
-
-
-def _bits_plan(model: nn.Module, bits: int | Mapping[str, int]) -> dict[str, int]:
-    """One bit width per weight layer; layers missing from a mapping stay float (32)."""
-    layers = weight_layers(model)
-    if isinstance(bits, Mapping):
-        unknown = sorted(set(bits) - set(layers))
-        if unknown:
-            raise ValueError(f"no Conv2d/Linear layer named {unknown}; known: {list(layers)}")
-        plan = {name: int(bits.get(name, FLOAT_BITS)) for name in layers}
-    else:
-        plan = dict.fromkeys(layers, int(bits))
-    for name, b in plan.items():
-        if b != FLOAT_BITS and not 2 <= b <= 16:
-            raise ValueError(f"bits for {name!r} must be in 2..16 or {FLOAT_BITS} (float), got {b}")
-    return plan
 
 
 @contextlib.contextmanager
@@ -339,44 +328,11 @@ def _one_layer_at_a_time(model: nn.Module, images: Tensor, labels: Tensor, setti
 
 
 # --------------------------------------------------------------------------- bytes
-def weight_bytes(layer: nn.Module, bits: int) -> int:
-    """Bytes of one Conv2d/Linear weight at ``bits``: ``ceil(numel·bits/8) + 4·C_out``.
-
-    The second term is the float32 per-channel scale; symmetric zero points (all 0)
-    are not stored. ``bits = 32`` means float32: ``4·numel``, no scale.
-    """
-    if not isinstance(layer, nn.Conv2d | nn.Linear):
-        raise ValueError(f"expected a Conv2d or Linear layer, got {type(layer).__name__}")
-    numel, channels = layer.weight.numel(), layer.weight.shape[0]
-    if bits == FLOAT_BITS:
-        return 4 * numel
-    if not 1 <= bits <= 16:
-        raise ValueError(f"bits must be in 1..16 or {FLOAT_BITS} (float), got {bits}")
-    return math.ceil(numel * bits / 8) + _SCALE_BYTES * channels
 
 
 def layer_sizes(model: nn.Module, bits: Sequence[int] = BIT_CHOICES) -> dict[str, dict[int, int]]:
     """``{layer: {bits: weight_bytes(layer, bits)}}`` for the bit allocator."""
     return {n: {b: weight_bytes(m, b) for b in bits} for n, m in weight_layers(model).items()}
-
-
-def _other_float_bytes(model: nn.Module) -> int:
-    """Bytes of the floating-point state-dict tensors that are not Conv/Linear weights."""
-    weight_keys = {f"{n}.weight" for n in weight_layers(model)}
-    return sum(v.numel() * v.element_size() for k, v in model.state_dict().items()
-               if k not in weight_keys and v.is_floating_point())
-
-
-def model_bytes(model: nn.Module, bits: int | Mapping[str, int]) -> int:
-    """Deployed size in bytes: Σ :func:`weight_bytes` + every other float tensor.
-
-    ``bits``: one width for all weight layers or ``{layer: bits}`` (missing layers
-    float32). Biases and BatchNorm tensors count at their own size (float32: 4 bytes);
-    integer buffers (BatchNorm's ``num_batches_tracked``) are bookkeeping and not counted.
-    """
-    layers = weight_layers(model)
-    plan = _bits_plan(model, bits)
-    return sum(weight_bytes(layers[n], b) for n, b in plan.items()) + _other_float_bytes(model)
 
 
 # --------------------------------------------------------------------------- allocation
@@ -872,15 +828,6 @@ def decode_weights(
         out[name] = quant.dequantize(q.reshape(shape), scale, torch.zeros(channels, dtype=torch.int64),
                                      axis=0)
     return out
-
-
-def written_size(blob: bytes, directory: str | os.PathLike[str] | None = None) -> int:
-    """Write ``blob`` to a temporary file and return ``os.path.getsize`` of it (bytes)."""
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        path = os.path.join(tmp, "weights.bin")
-        with open(path, "wb") as f:
-            f.write(blob)
-        return os.path.getsize(path)
 
 
 # --------------------------------------------------------------------------- k-means

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from course_lib import quant
+from course_lib.sizes import payload_bytes, saved_size  # byte counts live in course_lib.sizes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -502,17 +502,6 @@ def unpack_model_weights(packed: Mapping[str, Any], model: nn.Module) -> dict[st
         state[f"{name}.weight"] = dequantize_weight(q, scale, zero_point, granularity,
                                                     group_size=group_size)
     return state
-
-
-def payload_bytes(state: Mapping[str, Any]) -> int:
-    """Bytes of the tensors alone (``numel · element_size``), without any file format."""
-    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
-
-
-def saved_size(obj: Any, path: str | os.PathLike[str]) -> int:
-    """``torch.save(obj, path)``, then the file's real size in bytes (``os.path.getsize``)."""
-    torch.save(obj, path)
-    return os.path.getsize(path)
 
 
 # --------------------------------------------------------------------------- figure

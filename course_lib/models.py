@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from course_lib import DATA_DIR
+from course_lib.sizes import model_size_bytes  # byte counts live in course_lib.sizes
 
 __all__ = [
     "MODEL_NAMES",
@@ -173,23 +174,6 @@ def load_pretrained(name: str, *, path: str | Path | None = None) -> nn.Module:
 def count_params(model: nn.Module) -> int:
     """Number of parameters (trainable or not); buffers such as BN statistics are not counted."""
     return sum(p.numel() for p in model.parameters())
-
-
-def _tensor_bytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, list | tuple):  # packed params of quantized modules
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
-
-
-def model_size_bytes(model: nn.Module) -> int:
-    """Bytes of all tensors in ``model.state_dict()``: Σ numel · element_size.
-
-    Parameters and buffers alike (BN running statistics count), so float32 → 4 bytes
-    per value and int8 → 1; Python metadata and file-format overhead are not included.
-    """
-    return sum(_tensor_bytes(v) for v in model.state_dict().values())
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil  # a dependency of ipykernel
-from playwright.sync_api import Page
+import pytest
+from playwright.sync_api import Browser, Page, sync_playwright
 
 ROOT = Path(__file__).resolve().parent.parent
 # `make lab` runs JupyterLab from the environment of the interpreter running the tests.
@@ -52,6 +53,29 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+def require_chromium() -> Path:
+    """Debian's Chromium, or skip (fail on CI, which must run the browser tests)."""
+    if not CHROMIUM.exists():
+        reason = f"{CHROMIUM} not found: install Debian's package (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser test: {reason}")
+        pytest.skip(reason)
+    return CHROMIUM
+
+
+@contextmanager
+def launch_chromium() -> Iterator[Browser]:
+    """Headless Chromium driven by Playwright, closed afterwards."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(require_chromium()), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 SERVER_START_TIMEOUT_S = 90.0
 SERVER_STOP_TIMEOUT_S = 15.0
 

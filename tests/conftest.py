@@ -23,6 +23,17 @@ _paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 if str(ROOT) not in _paths:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *_paths])
 
+# `make test` runs the suite in two pytest-xdist workers on a 2-core machine. Each worker,
+# and every notebook kernel or grading sandbox it starts (they inherit the environment),
+# then computes on one thread (COURSE_MAX_THREADS caps the lessons' `cl.use_threads(2)`):
+# two workers with two threads each oversubscribe the cores, and the threads' spin-waiting
+# made lessons several times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["COURSE_MAX_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def one_thread():

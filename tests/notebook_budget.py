@@ -70,7 +70,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         if total > budget:
             # counted in the last line too: "12 passed, 1 notebook over budget in ..."
             terminalreporter.stats.setdefault("notebook over budget", []).append(
-                SimpleNamespace(nodeid=path, duration=total))
+                SimpleNamespace(nodeid=path, duration=total, when="call"))  # read by --durations too
             terminalreporter.write_line(
                 f"FAILED {path}: ran {total:.1f} s, over the {budget:.0f} s per-notebook budget "
                 "(CONTRIBUTING.md); the run fails", red=True, bold=True)

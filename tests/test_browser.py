@@ -30,21 +30,21 @@ from pathlib import Path
 import nbformat
 import pytest
 from browser_utils import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     ROOT,
     LabServer,
     clear_all_outputs,
     execution_count,
     jupyter_lab,
+    launch_chromium,
     open_notebook,
+    require_chromium,
     run_all_and_wait,
     run_and_wait,
     save,
     shows_error,
 )
 from notebook_utils import errors, grade_id, is_exercise_cell, is_test_cell
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -61,12 +61,7 @@ WIDGET_MS = 60_000  # one slider move: the kernel redraws one figure
 
 @pytest.fixture(scope="module")
 def chromium() -> Path:
-    if not CHROMIUM.exists():
-        reason = f"{CHROMIUM} not found: install Debian's package (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the browser test: {reason}")
-        pytest.skip(reason)
-    return CHROMIUM
+    return require_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +79,8 @@ def lab(chromium: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[La
 
 @pytest.fixture(scope="module")
 def browser(chromium: Path) -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with launch_chromium() as browser:
+        yield browser
 
 
 @pytest.fixture

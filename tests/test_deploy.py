@@ -1,4 +1,5 @@
-"""Tests of course_lib.deploy and scripts/benchmark_deploy.py (lesson 08)."""
+"""Tests of course_lib.deploy, its siblings export, hardware and sizes (deployed formats),
+and scripts/benchmark_deploy.py (lesson 08)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from course_lib import data, deploy, models
+from course_lib import data, deploy, export, hardware, models, sizes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,13 +81,13 @@ def test_measure_latency_rejects_bad_counts(kwargs: dict) -> None:
 def test_layer_param_bytes_hand_computed() -> None:
     # conv 32×16×3×3 at int8, per channel, float32 scales, int8 zero points, int32 bias:
     # 4,608 weights + 32·4 scales + 32·1 zero points + 32·4 bias = 4,896 bytes
-    b = deploy.layer_param_bytes((32, 16, 3, 3), 8, per_channel=True, scale_bytes=4, zero_point_bytes=1, bias_bytes=4)
+    b = sizes.layer_param_bytes((32, 16, 3, 3), 8, per_channel=True, scale_bytes=4, zero_point_bytes=1, bias_bytes=4)
     assert (b.weights, b.scales, b.zero_points, b.biases, b.total) == (4608, 128, 32, 128, 4896)
     # 15 int4 weights pack into ceil(60 / 8) = 8 bytes; per tensor: one scale, one zero point
-    b = deploy.layer_param_bytes((3, 5), 4, per_channel=False, scale_bytes=2, zero_point_bytes=1, has_bias=False)
+    b = sizes.layer_param_bytes((3, 5), 4, per_channel=False, scale_bytes=2, zero_point_bytes=1, has_bias=False)
     assert (b.weights, b.scales, b.zero_points, b.biases) == (8, 2, 1, 0)
     # float32: no scales or zero points, whatever is asked
-    b = deploy.layer_param_bytes((10, 1568), 32, scale_bytes=4, zero_point_bytes=1)
+    b = sizes.layer_param_bytes((10, 1568), 32, scale_bytes=4, zero_point_bytes=1)
     assert (b.weights, b.scales, b.zero_points, b.biases) == (62720, 0, 0, 40)
 
 
@@ -97,30 +98,30 @@ def test_layer_param_bytes_hand_computed() -> None:
 )
 def test_layer_param_bytes_rejects_bad_input(shape: tuple, kwargs: dict) -> None:
     with pytest.raises(ValueError):
-        deploy.layer_param_bytes(shape, **kwargs)
+        sizes.layer_param_bytes(shape, **kwargs)
 
 
 def test_model_param_bytes_tinycnn_hand_computed() -> None:
     model = models.TinyCNN().eval()
     # conv1 16·1·3·3 = 144, conv2 32·16·3·3 = 4,608, fc 10·1,568 = 15,680 weights; 58 biases
-    fp32 = deploy.model_param_bytes(model, "fp32")
+    fp32 = sizes.model_param_bytes(model, "fp32")
     assert (fp32.weights, fp32.biases, fp32.total) == (4 * 20432, 4 * 58, 4 * 20490)
-    int8 = deploy.model_param_bytes(model, "xnnpack-int8")
+    int8 = sizes.model_param_bytes(model, "xnnpack-int8")
     assert (int8.weights, int8.scales, int8.zero_points, int8.biases) == (20432, 4 * 58, 0, 4 * 58)
     with pytest.raises(ValueError):
-        deploy.model_param_bytes(model, "int3-magic")
+        sizes.model_param_bytes(model, "int3-magic")
 
 
 def test_model_param_bytes_folds_batchnorm_into_a_bias() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8)).eval()
-    assert deploy.model_param_bytes(model, "fp32").biases == 8 * 4
-    assert deploy.model_param_bytes(model, "fp32", fold_bn=False).biases == 0
+    assert sizes.model_param_bytes(model, "fp32").biases == 8 * 4
+    assert sizes.model_param_bytes(model, "fp32", fold_bn=False).biases == 0
 
 
 # --------------------------------------------------------------------------- calibration reader
 def test_calibration_reader_yields_every_image_once_in_order() -> None:
     images = torch.arange(7 * 2 * 2, dtype=torch.float64).reshape(7, 1, 2, 2)
-    reader = deploy.CalibrationReader(images, input_name="inp", batch_size=3)
+    reader = export.CalibrationReader(images, input_name="inp", batch_size=3)
     assert len(reader) == 3
     batches = []
     while (item := reader.get_next()) is not None:
@@ -135,7 +136,7 @@ def test_calibration_reader_yields_every_image_once_in_order() -> None:
 
 
 def test_calibration_reader_from_split_uses_the_calib_split() -> None:
-    reader = deploy.CalibrationReader.from_split("calib", rgb32=True, batch_size=500)
+    reader = export.CalibrationReader.from_split("calib", rgb32=True, batch_size=500)
     batch = reader.get_next()["x"]
     np.testing.assert_array_equal(batch, data.get_split("calib", rgb32=True)[0].numpy())
     assert reader.get_next() is None
@@ -144,7 +145,7 @@ def test_calibration_reader_from_split_uses_the_calib_split() -> None:
 @pytest.mark.parametrize("images, batch_size", [(np.zeros((0, 1, 2, 2)), 1), (np.zeros((3, 4)), 1), (np.zeros((3, 1, 2, 2)), 0)])
 def test_calibration_reader_rejects_bad_input(images: np.ndarray, batch_size: int) -> None:
     with pytest.raises(ValueError):
-        deploy.CalibrationReader(images, batch_size=batch_size)
+        export.CalibrationReader(images, batch_size=batch_size)
 
 
 # --------------------------------------------------------------------------- end-to-end pipeline
@@ -168,21 +169,21 @@ def test_encode_png_rejects_non_uint8() -> None:
 def test_cpu_flags_reads_a_cpuinfo_file(tmp_path: Path) -> None:
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2 fma avx512_vnni\n")
-    flags = deploy.cpu_flags(("avx2", "avx_vnni", "avx512_vnni"), cpuinfo=info)
+    flags = hardware.cpu_flags(("avx2", "avx_vnni", "avx512_vnni"), cpuinfo=info)
     assert flags == {"avx2": True, "avx_vnni": False, "avx512_vnni": True}
-    assert deploy.cpu_model_name(info) == "Test CPU 9000"
-    assert deploy.cpu_flags(("avx2",), cpuinfo=tmp_path / "absent") == {"avx2": False}
+    assert hardware.cpu_model_name(info) == "Test CPU 9000"
+    assert hardware.cpu_flags(("avx2",), cpuinfo=tmp_path / "absent") == {"avx2": False}
 
 
 def test_estimate_latency_ms_hand_computed() -> None:
     # 300 M MACs at 4 cores · 1.5 GHz · 16 MACs/cycle · 25 % = 24 GMAC/s → 12.5 ms
-    device = deploy.DeviceAssumptions("test", cores=4, clock_ghz=1.5, macs_per_cycle=16, efficiency=0.25)
+    device = hardware.DeviceAssumptions("test", cores=4, clock_ghz=1.5, macs_per_cycle=16, efficiency=0.25)
     assert device.macs_per_second == pytest.approx(24e9)
-    assert deploy.estimate_latency_ms(300e6, device) == pytest.approx(12.5)
+    assert hardware.estimate_latency_ms(300e6, device) == pytest.approx(12.5)
     with pytest.raises(ValueError):
-        deploy.estimate_latency_ms(-1, device)
+        hardware.estimate_latency_ms(-1, device)
     with pytest.raises(ValueError):
-        deploy.estimate_latency_ms(1, deploy.DeviceAssumptions("off", 1, 1.0, 1.0, 0.0))
+        hardware.estimate_latency_ms(1, hardware.DeviceAssumptions("off", 1, 1.0, 1.0, 0.0))
 
 
 def _row(runtime: str, precision: str, file_bytes: int, ms: float) -> deploy.DeployRow:
@@ -279,9 +280,9 @@ def test_onnx_qdq_initializers_match_the_size_accounting(tiny_artifacts: dict) -
     # per-layer tensors: weights, biases and their per-channel qparams (activation
     # qparams are scalars; int64 tensors are shape constants of the graph)
     per_layer = sum(a.nbytes for a in arrays if a.ndim >= 1 and a.dtype != np.int64)
-    expected = deploy.model_param_bytes(models.load_pretrained("tinycnn"), "onnx-qdq-int8")
+    expected = sizes.model_param_bytes(models.load_pretrained("tinycnn"), "onnx-qdq-int8")
     assert per_layer == expected.total
-    assert deploy.onnx_initializer_bytes(tiny_artifacts["onnxruntime-int8"].path)["int8"] >= expected.weights
+    assert sizes.onnx_initializer_bytes(tiny_artifacts["onnxruntime-int8"].path)["int8"] >= expected.weights
 
 
 def benchmark_script():
@@ -309,15 +310,16 @@ def test_benchmark_script_prints_the_table(tiny_artifacts: dict, monkeypatch: py
     out = capsys.readouterr().out
     assert exports == [("tinycnn", deploy.RUNTIMES)]
     assert "TinyCNN (accuracy on 100 test images" in out  # --eval-limit reached the evaluation
-    rows = [line.split() for line in out.splitlines() if line.startswith(("pytorch", *deploy.RUNTIMES))]
+    rows = [line.split() for line in out.splitlines()
+            if line.startswith(("pytorch", *deploy.RUNTIMES)) and len(line.split()) > 9]  # the table's rows
     assert sorted((r[0], r[1]) for r in rows) == sorted(
-        [("pytorch", "fp32")] + [(rt, p) for rt in ("executorch", "onnxruntime") for p in ("fp32", "int8")])
+        [("pytorch", "fp32")] + [(rt, p) for rt in deploy.RUNTIMES for p in ("fp32", "int8")])
     for row in rows:  # model and end-to-end latency: p50 <= p90, both measured
         for cell in (row[-3], row[-2]):
             p50, p90 = map(float, cell.split("/"))
             assert 0 < p50 <= p90, row
     # the CPU line reports this machine's flags
-    flags = deploy.cpu_flags()
+    flags = hardware.cpu_flags()
     assert "INT8-relevant flags: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items()) in out
     # MobileNetV2-1.0 at 224×224: about 300 M multiply-adds (Sandler et al., 2018, Table 4)
     line = next(line for line in out.splitlines() if line.strip().startswith("MobileNetV2-1.0 224"))
@@ -334,3 +336,12 @@ def test_benchmark_script_rejects_bad_options(option: str, value: str, capsys: p
         script.parse_args([option, value])
     assert exit_info.value.code == 2
     assert option in capsys.readouterr().err
+
+
+def test_deploy_keeps_the_names_of_its_sibling_modules() -> None:
+    # lesson 08 and `make bench` say D.<name>: after the split each name is its home's object
+    for module in (export, hardware, sizes):
+        for name in module.__all__:
+            if hasattr(deploy, name):
+                assert getattr(deploy, name) is getattr(module, name), f"deploy.{name} is not {module.__name__}.{name}"
+    assert {"export_executorch", "cpu_flags", "model_param_bytes"} <= set(deploy.__all__)

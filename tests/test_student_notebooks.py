@@ -91,6 +91,24 @@ def test_solution_follows_the_exercise_conventions(lesson: str) -> None:
 
 
 @pytest.mark.parametrize("lesson", LESSONS)
+def test_solution_stores_its_figures_as_pictures(lesson: str) -> None:
+    """A figure shows as a picture, never as its text repr "<Figure size 750x340 with 1 Axes>".
+
+    That text is what a learner (and the website) sees when a cell returns a matplotlib
+    Figure before anything has switched on the inline backend (importing pyplot, or
+    ``%matplotlib inline`` in the set-up cell).
+    """
+    nb = read(SOLUTIONS / f"{lesson}.ipynb")
+    bare = [
+        describe(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+        for out in c.outputs
+        if "image/png" not in out.get("data", {})
+        and re.search(r"<(?:matplotlib\.figure\.)?Figure size \d+x\d+", str(out.get("data", {}).get("text/plain", "")))
+    ]
+    assert not bare, "figures stored as text, not as pictures:\n" + "\n".join(bare)
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
 def test_student_notebook_hides_solutions_and_hidden_tests(lesson: str) -> None:
     nb = read(NOTEBOOKS / f"{lesson}.ipynb")
     for cell in nb.cells:
