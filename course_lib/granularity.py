@@ -374,7 +374,9 @@ def fold_batchnorms(model: nn.Module) -> nn.Module:
     torchvision's MobileNetV2 and in TinyCNN). The conv gets
     ``W' = W · γ/σ`` and ``b' = (b - μ) · γ/σ + β`` with ``σ = sqrt(var + eps)``
     (:func:`course_lib.kernels.fold_batchnorm`) and the BatchNorm becomes ``nn.Identity``.
-    Only valid in eval mode, where BatchNorm uses its running statistics.
+    Only valid in eval mode, where BatchNorm uses its running statistics. The folded
+    parameters are frozen (``requires_grad=False``): the copy is made for inference and
+    quantization; call ``.requires_grad_(True)`` on it to train it.
     """
     from course_lib.kernels import fold_batchnorm  # imported late: kernels is a sibling lesson's
 
