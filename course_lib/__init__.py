@@ -6,6 +6,7 @@ Each module is short enough to read beside the lesson that uses it:
 - ``observers``  range setting (calibration): min-max, percentile, MSE, KL
 - ``kernels``    integer-only reference kernels (TFLite-style requantization)
 - ``qat``        fake quantization with a straight-through estimator, LSQ
+- ``pt2e``       ExecuTorch's XNNPACK quantizer for BN-folded graphs: the same PT2E graph, faster (lessons 05, 06, 08)
 - ``data``       the shipped MNIST subset and its fixed split
 - ``models``     TinyCNN and a reduced-width MobileNetV2, shipped checkpoints
 - ``sizes``      byte accounting: packed codes, scales, zero points, biases, files (lessons 03, 07, 08)

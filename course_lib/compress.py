@@ -79,6 +79,7 @@ from course_lib.sizes import (  # lesson 07's byte counts live in sizes
 from course_lib.sizes import SCALE_BYTES as _SCALE_BYTES
 from course_lib.sizes import bits_plan as _bits_plan
 from course_lib.sizes import other_float_bytes as _other_float_bytes
+from course_lib.training import EVAL_BATCH_SIZE
 
 __all__ = [
     "BIT_CHOICES",
@@ -174,7 +175,7 @@ def replaced_weights(model: nn.Module, new_weight: Mapping[str, Callable[[Tensor
 
 
 # --------------------------------------------------------------------------- measuring
-def logits_of(model: nn.Module, images: Tensor, *, batch_size: int = 500) -> Tensor:
+def logits_of(model: nn.Module, images: Tensor, *, batch_size: int = EVAL_BATCH_SIZE) -> Tensor:
     """``model(images)`` in eval mode without gradients, in batches; float32 N×classes."""
     if not isinstance(images, Tensor) or images.ndim < 2 or len(images) == 0:
         raise ValueError("images must be a non-empty N×... tensor")

@@ -493,7 +493,7 @@ def evaluate(
     model: nn.Module | IntegerTinyCNN,
     data: str | DataLoader | tuple[torch.Tensor, torch.Tensor] = "test",
     *,
-    batch_size: int = 500,
+    batch_size: int = training.EVAL_BATCH_SIZE,
 ) -> float:
     """Top-1 accuracy in [0, 1]: the fraction of images whose largest logit is the label.
 

@@ -27,6 +27,12 @@ __all__ = ["evaluate", "fit", "random_affine", "train_epoch"]
 BACKGROUND = -MNIST_MEAN / MNIST_STD
 
 
+# Images per forward pass when a model is only evaluated. Batches of 100 keep a layer's
+# activations in the CPU's cache: MobileNetV2 (32×32) scores the 1,000 test images about
+# twice as fast as in batches of 500 on a 2-core laptop CPU, with the same predictions.
+EVAL_BATCH_SIZE = 100
+
+
 def _batches(split_or_loader, rgb32: bool, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(split_or_loader, str):
         x, y = get_split(split_or_loader, rgb32=rgb32)
@@ -49,7 +55,7 @@ def evaluate(
     split_or_loader: str | DataLoader | tuple[torch.Tensor, torch.Tensor],
     *,
     rgb32: bool = False,
-    batch_size: int = 500,
+    batch_size: int = EVAL_BATCH_SIZE,
 ) -> float:
     """Top-1 accuracy in [0, 1]: (number of argmax(logits) == label) / number of images.
 
