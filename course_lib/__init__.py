@@ -21,6 +21,7 @@ Each module is short enough to read beside the lesson that uses it:
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -43,6 +44,28 @@ def filter_quantization_warnings() -> None:
     """
     warnings.filterwarnings("ignore", message=QUANTIZED_TENSOR_WARNING, category=UserWarning)
     warnings.filterwarnings("ignore", message=TORCH_AO_DEPRECATION, category=DeprecationWarning)
+
+
+# torchao logs one line through torch's logger when it is imported ("<enum 'KernelPreference'>
+# is an Enum subclass ... register_constant() ... deprecated"): a note for torchao's developers.
+TORCHAO_IMPORT_NOTICE = "KernelPreference"
+
+
+class _DropTorchaoImportNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TORCHAO_IMPORT_NOTICE not in record.getMessage()
+
+
+def drop_torchao_import_notice() -> None:
+    """Keep torchao's import-time log line about ``KernelPreference`` off the learner's screen.
+
+    Call it before torchao (or ExecuTorch, which imports it) is first imported. Only that
+    record of the ``torch.utils._pytree`` logger is dropped; every other message of that
+    logger, and every warning, stays visible. Calling it twice adds one filter.
+    """
+    logger = logging.getLogger("torch.utils._pytree")
+    if not any(isinstance(f, _DropTorchaoImportNotice) for f in logger.filters):
+        logger.addFilter(_DropTorchaoImportNotice())
 
 
 MAX_THREADS_VARIABLE = "COURSE_MAX_THREADS"

@@ -40,3 +40,31 @@ def test_lessons_ask_for_threads_through_the_cap() -> None:
     direct = [p.name for p in sorted(SOLUTIONS.glob("*.ipynb"))
               if "torch.set_num_threads(2)" in p.read_text(encoding="utf-8")]
     assert not direct, f"use cl.use_threads(n) in {direct}"
+
+
+# ------------------------------------------------------------------ torchao's import notice
+_IMPORT_TORCHAO = "import torchao.quantization"
+
+
+def _stderr_of(code: str) -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+
+
+def test_torchao_import_notice_is_dropped_and_only_it() -> None:
+    import course_lib
+
+    # Without the filter, importing torchao logs the notice (so the check below can fail).
+    assert course_lib.TORCHAO_IMPORT_NOTICE in _stderr_of(_IMPORT_TORCHAO)
+    quiet = _stderr_of(
+        "import logging, course_lib\n"
+        "course_lib.drop_torchao_import_notice(); course_lib.drop_torchao_import_notice()\n"
+        f"{_IMPORT_TORCHAO}\n"
+        "logger = logging.getLogger('torch.utils._pytree')\n"
+        "assert len(logger.filters) == 1, logger.filters\n"
+        "logger.warning('another message of the same logger')\n"
+    )
+    assert course_lib.TORCHAO_IMPORT_NOTICE not in quiet
+    assert "another message of the same logger" in quiet
