@@ -169,16 +169,18 @@ def build(dest: Path = NOTEBOOKS, lessons: Iterable[str] | None = None) -> list[
     return written
 
 
-def stale_notebooks(lessons: Iterable[str] | None = None) -> list[str]:
-    """Lessons whose notebooks/<id>.ipynb differs from a fresh build (or is missing)."""
+def stale_notebooks(lessons: Iterable[str] | None = None, *, built: Iterable[Path] | None = None) -> list[str]:
+    """Lessons whose notebooks/<id>.ipynb differs from a fresh build (or is missing).
+
+    ``built``: the files of a fresh :func:`build` already made (the tests reuse one);
+    without it, this builds into a temporary folder.
+    """
+    if built is not None:
+        return [path.stem for path in built
+                if not (NOTEBOOKS / path.name).is_file() or (NOTEBOOKS / path.name).read_bytes() != path.read_bytes()]
     lessons = list(lessons) if lessons is not None else lesson_ids()
-    stale = []
     with tempfile.TemporaryDirectory(prefix="student-notebooks-") as tmp:
-        for path in build(Path(tmp), lessons):
-            current = NOTEBOOKS / path.name
-            if not current.is_file() or current.read_bytes() != path.read_bytes():
-                stale.append(path.stem)
-    return stale
+        return stale_notebooks(built=build(Path(tmp), lessons))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import course_lib
 from course_lib import data, deploy, export, hardware, models, sizes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,7 +216,7 @@ def test_torchao_kernel_preference_log_is_filtered_and_nothing_else() -> None:
 # --------------------------------------------------------------------------- real runtimes (slow)
 @pytest.fixture(scope="module")
 def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, deploy.Artifact]:
-    torch.set_num_threads(2)
+    course_lib.use_threads(2)  # one thread under `make test`'s workers (COURSE_MAX_THREADS)
     out = tmp_path_factory.mktemp("deploy")
     arts = deploy.build_artifacts("tinycnn", out, progress=False)
     return {f"{a.runtime}-{a.precision}": a for a in arts}
@@ -318,6 +320,15 @@ def test_benchmark_script_prints_the_table(tiny_artifacts: dict, monkeypatch: py
         for cell in (row[-3], row[-2]):
             p50, p90 = map(float, cell.split("/"))
             assert 0 < p50 <= p90, row
+    # memory: each runtime's baseline process, then one fresh process per model file; the
+    # file sizes are the artefacts' own, and loading and running a model costs memory
+    baseline = {m[1]: float(m[2]) for m in re.finditer(r"^  (\w+) +baseline: +([\d.]+) MiB$", out, re.M)}
+    assert sorted(baseline) == sorted(deploy.RUNTIMES), out
+    for art in tiny_artifacts.values():
+        m = re.search(rf"^  {art.runtime} +{art.precision}: file +([\d,]+) B, peak RSS +([\d.]+) MiB", out, re.M)
+        assert m, f"no memory line for {art.runtime} {art.precision}"
+        assert int(m[1].replace(",", "")) == art.path.stat().st_size
+        assert float(m[2]) > baseline[art.runtime] > 0, (art.runtime, art.precision, m[0])
     # the CPU line reports this machine's flags
     flags = hardware.cpu_flags()
     assert "INT8-relevant flags: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items()) in out

@@ -8,8 +8,8 @@ Both editions are built into temporary folders with `scripts/build_site.py`, the
 - in headless Chromium (Debian's, driven by Playwright as in test_browser.py), served
   from 127.0.0.1: every page loads without a console error and without a single request
   to another host (all such requests are blocked and counted), shows its lesson's title,
-  its figures (when the notebook stores one), and math typeset by the local MathJax;
-  the "next lesson" links chain through the lessons in order;
+  its figures (when the notebook stores one), and math typeset by the local MathJax,
+  reached in one walk from the landing page through the "next lesson" links, in order;
 - a crawl of every local link and resource finds no broken one (anchors included);
 - the landing page holds the README's measured tables and the set-up command, and lists
   every lesson; each lesson page has its objectives before its first code cell and links
@@ -431,13 +431,22 @@ def visit(browser) -> Iterator[object]:  # noqa: ANN001
 
 
 @pytest.mark.browser
-def test_pages_load_offline_with_titles_figures_and_math(site: Site, served: str, visit: Visit) -> None:
+def test_pages_load_offline_and_chain_with_titles_figures_and_math(site: Site, served: str,
+                                                                  visit: Visit) -> None:
+    """One walk through the site the way a reader goes: the landing page, its link to the
+    first lesson, then each lesson's "next lesson" link; the last links back home.
+
+    Every page is reached by clicking, so the chain is checked by the same walk that checks
+    each page's title, figures and math (loading a long lesson page costs seconds).
+    """
     page = visit.page
     page.goto(served + "index.html", wait_until="load", timeout=PAGE_MS)
     assert "Quantization for Edge Devices" in page.locator("h1").first.inner_text()
-    for solution in SOLUTIONS:
+    page.locator(f"a[href='{SOLUTIONS[0].stem}.html']").first.click()
+    for i, solution in enumerate(SOLUTIONS):
+        page.wait_for_url(f"**/{solution.stem}.html", timeout=PAGE_MS)
+        page.wait_for_load_state("load", timeout=PAGE_MS)
         nb = notebook(source_of(site.edition, solution))
-        page.goto(served + f"{solution.stem}.html", wait_until="load", timeout=PAGE_MS)
         h1 = plain(page.locator("h1").first.inner_text()).rstrip("#").strip()
         assert h1 == plain(title_of(nb)), f"{solution.stem}: title {h1!r}"
         if has_image(nb):
@@ -455,25 +464,16 @@ def test_pages_load_offline_with_titles_figures_and_math(site: Site, served: str
             assert page.locator("mjx-merror").count() == 0, f"{solution.stem}: a MathJax error"
             typeset = page.locator("mjx-container").count()
             assert typeset >= 1, f"{solution.stem}: no typeset math"
-    assert not visit.outside, f"requests to other hosts: {visit.outside[:5]}"
-    assert not visit.errors, f"console errors: {visit.errors[:5]}"
-
-
-@pytest.mark.browser
-def test_next_lesson_links_chain(site: Site, served: str, visit: Visit) -> None:
-    page = visit.page
-    page.goto(served + "index.html", wait_until="load", timeout=PAGE_MS)
-    page.locator(f"a[href='{SOLUTIONS[0].stem}.html']").first.click()
-    for i, solution in enumerate(SOLUTIONS):
-        page.wait_for_url(f"**/{solution.stem}.html", timeout=PAGE_MS)
         links = page.locator(".next-lesson a")
         if i + 1 < len(SOLUTIONS):
-            assert "Next lesson" in page.locator(".next-lesson").inner_text()
+            assert "Next lesson" in page.locator(".next-lesson").inner_text(), solution.stem
+            assert links.first.get_attribute("href") == f"{SOLUTIONS[i + 1].stem}.html", solution.stem
             links.first.click()
         else:
             assert page.locator(".last-lesson").count() == 1
             assert links.first.get_attribute("href") == "index.html"
-    assert not visit.outside and not visit.errors, (visit.outside, visit.errors)
+    assert not visit.outside, f"requests to other hosts: {visit.outside[:5]}"
+    assert not visit.errors, f"console errors: {visit.errors[:5]}"
 
 
 @pytest.mark.browser

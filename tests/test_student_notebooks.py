@@ -48,15 +48,21 @@ def test_every_student_notebook_has_a_solution() -> None:
     )
 
 
-def test_student_notebooks_are_up_to_date() -> None:
-    stale = build.stale_notebooks(LESSONS)
+@pytest.fixture(scope="module")
+def fresh_build(tmp_path_factory) -> list:
+    """notebooks/ built afresh from solutions/ into a temporary folder (once: nbgrader is slow)."""
+    return build.build(tmp_path_factory.mktemp("student-notebooks"), LESSONS)
+
+
+def test_student_notebooks_are_up_to_date(fresh_build) -> None:
+    stale = build.stale_notebooks(LESSONS, built=fresh_build)
     assert not stale, (
         f"notebooks/ is out of date with solutions/ for {stale}: run `make student-notebooks`"
     )
 
 
-def test_generation_is_deterministic(tmp_path) -> None:
-    first = build.build(tmp_path / "a", LESSONS)
+def test_generation_is_deterministic(fresh_build, tmp_path) -> None:
+    first = fresh_build
     second = build.build(tmp_path / "b", LESSONS)
     for a, b in zip(first, second, strict=True):
         assert a.read_bytes() == b.read_bytes(), f"{a.name} differs between two builds"
