@@ -56,7 +56,10 @@ lab: setup
 # other, each with the two threads a lesson asks for: the 90 s budget per lesson is checked
 # in the conditions it is defined for (2 cores). Then everything in tests/ in TEST_JOBS
 # pytest-xdist workers with one thread each (tests/conftest.py); --dist loadscope keeps each
-# test module on one worker, in order. TEST_JOBS=0 runs the second part in one process.
+# test module on one worker, in order (its module-scoped fixtures, such as a graded batch,
+# run once). Not --dist loadgroup: with pytest 9.2 and pytest-xdist 3.8 its groups are
+# silently ignored (xdist rewrites item._nodeid, pytest 9 reads item._id), so every module
+# fixture would run on both workers. TEST_JOBS=0 runs the second part in one process.
 # Both parts always run; the target fails if either failed.
 TEST_JOBS ?= 2
 

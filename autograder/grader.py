@@ -112,6 +112,11 @@ def preload_modules(setup: str) -> tuple[str, ...]:
         return _preload_modules(setup)
 
 
+# Imports inside functions are preloaded too, on purpose. Preloading only module-level imports
+# was tried: lesson 06's set-up cell then failed in the sandbox, in the lazy import of
+# torch._inductor that torch.use_deterministic_algorithms makes ("'function' object has no
+# attribute 'default'"), a module first imported in a child after the test's stubs were in
+# place. Importing everything in the zygote, before any stub exists, avoids that class of failure.
 def _preload_modules(setup: str) -> tuple[str, ...]:
     seen, todo, outside = set(), sorted(_imports(setup)), set()
     while todo:
