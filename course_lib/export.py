@@ -20,7 +20,6 @@ rest of the lesson and ``make bench`` call. Running them: :mod:`course_lib.deplo
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import threading
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from course_lib import data, models
+from course_lib import data, drop_torchao_import_notice, models
 
 __all__ = [
     "EXPORT_LOCK",
@@ -67,24 +66,8 @@ MODEL_INPUTS: dict[str, tuple[tuple[int, int, int], bool]] = {
 
 
 # --------------------------------------------------------------------------- logging
-class _KernelPreferenceFilter(logging.Filter):
-    """Drops the one warning torchao's import triggers in torch's pytree logger.
-
-    torchao 0.18 calls ``register_constant`` on its ``KernelPreference`` enum, which
-    torch 2.14 reports as deprecated; nothing in this course can act on it. Only that
-    record is dropped: every other message of the logger still shows.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            "register_constant" in str(record.msg)
-            and any("KernelPreference" in str(a) for a in (record.args or ()))
-        )
-
-
-_PYTREE_LOGGER = logging.getLogger("torch.utils._pytree")
-if not any(isinstance(f, _KernelPreferenceFilter) for f in _PYTREE_LOGGER.filters):
-    _PYTREE_LOGGER.addFilter(_KernelPreferenceFilter())
+# torchao's import-time KernelPreference notice: one filter, course_lib's (idempotent).
+drop_torchao_import_notice()
 
 
 # --------------------------------------------------------------------------- calibration
