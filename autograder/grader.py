@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import ast
 import functools
-import threading
+import multiprocessing
+import os
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from .session import GraderError, Program, Sandbox, Student, StudentError
 REPO = Path(__file__).resolve().parent.parent
 SOLUTIONS = REPO / "solutions"
 course_lib.filter_quantization_warnings()  # the hidden tests build quantized tensors on purpose
+course_lib.drop_torchao_import_notice()  # and import torchao (lessons 05 and 08)
 
 
 @dataclass
@@ -101,15 +105,10 @@ def _course_module(name: str) -> tuple[Path, str] | None:
     return None
 
 
-# ast.parse in two threads at once raised "AST constructor recursion depth mismatch" on CPython 3.11.7.
-_AST_LOCK = threading.Lock()
-
-
 @functools.cache
 def preload_modules(setup: str) -> tuple[str, ...]:
     """Third-party modules the set-up cell imports, directly or through course_lib."""
-    with _AST_LOCK:
-        return _preload_modules(setup)
+    return _preload_modules(setup)
 
 
 # Imports inside functions are preloaded too, on purpose. Preloading only module-level imports
@@ -134,19 +133,40 @@ def _preload_modules(setup: str) -> tuple[str, ...]:
 
 
 class Sources:
-    """Each hidden test's course_lib sources (its references disabled), built once per batch."""
+    """Each hidden test's course_lib sources (its references disabled), built once per process."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str], tuple[dict[str, str], list[str]]] = {}
-        self._lock = threading.Lock()
 
     def get(self, lesson: str, case: hidden.Case) -> tuple[dict[str, str], list[str]]:
-        with self._lock:
-            key = (lesson, case.grade_id)
-            if key not in self._cache:
-                with _AST_LOCK:
-                    self._cache[key] = sandbox.course_sources(case.disabled)
-            return self._cache[key]
+        key = (lesson, case.grade_id)
+        if key not in self._cache:
+            self._cache[key] = sandbox.course_sources(case.disabled)
+        return self._cache[key]
+
+
+_SOURCES = Sources()
+
+
+def _quiet() -> None:
+    """A grading process's start: the hidden checks' ✔ lines are for notebooks, not for this log."""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
+
+
+def process_pool(jobs: int) -> ProcessPoolExecutor:
+    """``jobs`` processes that grade notebooks side by side, one notebook at a time each.
+
+    Processes, not threads. Grading is not thread-safe on CPython 3.11: its ast module
+    keeps one recursion counter per interpreter, so a syntax tree built in one thread while
+    another thread builds one can fail with "SystemError: AST constructor recursion depth
+    mismatch". Grading builds trees all the time, much of it outside this package (np.load
+    parses each .npy header with ast.literal_eval; importing torch and running
+    torch.export parse source), and CI met the error in threads: the batch's set-up
+    failed in one thread while another imported torch. Each process has its own counter.
+    Started with "spawn": the grader may hold threads (pytest-xdist's), which fork must not copy.
+    """
+    return ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_quiet)
 
 
 def grade_notebook(lesson: str, nb: nbformat.NotebookNode, *, workdir: Path,
@@ -154,7 +174,7 @@ def grade_notebook(lesson: str, nb: nbformat.NotebookNode, *, workdir: Path,
                    use_sandbox: bool = True, notebook_s: float = 600.0) -> NotebookResult:
     """Run every hidden test of ``lesson`` against the exercise cells of ``nb``."""
     limits = limits or sandbox.Limits()
-    sources = sources or Sources()
+    sources = sources or _SOURCES
     tests = hidden.load(lesson)
     setup, points, exercise_ids = lesson_layout(lesson)
     missing = set(points) - set(tests.cases)

@@ -6,11 +6,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
@@ -38,16 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-sandbox", action="store_true")
     args = parser.parse_args(argv)
     ok = True
-    with tempfile.TemporaryDirectory(prefix="selftest-") as tmp:
-        sources = grader.Sources()
+    with tempfile.TemporaryDirectory(prefix="selftest-") as tmp, grader.process_pool(2) as pool:
         for lesson in args.lessons:
             solution = nbformat.read(grader.SOLUTIONS / f"{lesson}.ipynb", as_version=4)
             runs = (("solution", solution, True), ("untouched stub", student_version(solution), False))
-            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), ThreadPoolExecutor(2) as pool:
-                futures = [pool.submit(grader.grade_notebook, lesson, nb, sources=sources,
-                                       workdir=Path(tmp) / lesson / label.replace(" ", "_"),
-                                       use_sandbox=not args.no_sandbox) for label, nb, _ in runs]
-                outcomes = [f.result() for f in futures]
+            futures = [pool.submit(grader.grade_notebook, lesson, nb,
+                                   workdir=Path(tmp) / lesson / label.replace(" ", "_"),
+                                   use_sandbox=not args.no_sandbox) for label, nb, _ in runs]
+            outcomes = [f.result() for f in futures]
             for (label, _, want_full), res in zip(runs, outcomes, strict=True):
                 got = sum(t.points for t in res.tests.values())
                 total = sum(t.max_points for t in res.tests.values())

@@ -41,17 +41,15 @@ a new, timestamped name, and the script says so.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
+import functools
 import json
-import os
 import shutil
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -71,7 +69,7 @@ from build_student_notebooks import (  # noqa: E402
 )
 
 from autograder.flags import notebook_flags  # noqa: E402
-from autograder.grader import NotebookResult, Sources, grade_notebook  # noqa: E402
+from autograder.grader import NotebookResult, grade_notebook, process_pool  # noqa: E402
 from autograder.sandbox import Limits, SandboxUnavailable, probe  # noqa: E402
 from autograder.session import GraderError  # noqa: E402
 
@@ -260,8 +258,11 @@ def _feedback_notebook(submitted: nbformat.NotebookNode, assignment: str,
     return nb
 
 
-def _grade_one(workdir: Path, sources: Sources, sub: Submission, limits: Limits, use_sandbox: bool,
-               notebook_s: float) -> tuple[Result, NotebookResult | None]:
+def _grade_one(workdir: Path, sub: Submission, limits: Limits, use_sandbox: bool, notebook_s: float,
+               progress: bool) -> tuple[Result, NotebookResult | None]:
+    """Grade one submission, in a process of :func:`autograder.grader.process_pool`."""
+    if progress:
+        print(f"grading {sub.student}/{sub.assignment} ...", file=sys.__stdout__, flush=True)
     result = Result(sub.student, sub.assignment)
     cells = graded_cells(sub.assignment)
     result.max_points = sum(cells.values())
@@ -272,7 +273,7 @@ def _grade_one(workdir: Path, sources: Sources, sub: Submission, limits: Limits,
     start = time.perf_counter()
     try:
         outcome = grade_notebook(sub.assignment, submitted, workdir=workdir / "work" / sub.student / sub.assignment,
-                                 sources=sources, limits=limits, use_sandbox=use_sandbox, notebook_s=notebook_s)
+                                 limits=limits, use_sandbox=use_sandbox, notebook_s=notebook_s)
     except GraderError as exc:
         result.seconds = time.perf_counter() - start
         result.status = f"error: the grader failed on this lesson (not the student's fault): {_one_line(str(exc), 600)}"
@@ -320,18 +321,13 @@ def _grade_in(workdir: Path, found: list[Submission], limits: Limits, use_sandbo
 
     if gradable:
         generate_assignments(workdir, sorted({s.assignment for s in gradable}), config=config)
-    sources, out = Sources(), sys.stdout
-
-    def one(sub: Submission) -> tuple[Result, NotebookResult | None]:
-        if progress:
-            print(f"grading {sub.student}/{sub.assignment} ...", file=out, flush=True)
-        return _grade_one(workdir, sources, sub, limits, use_sandbox, notebook_s)
-
-    # Submissions side by side, each in its own sandbox; the checks' ✔ lines are for
-    # notebooks, not for this log. The gradebook is written from this thread only.
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), \
-            ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        graded = list(pool.map(one, gradable))
+    # Submissions side by side, each in its own sandbox, graded in a worker process; the
+    # gradebook is written from this process only.
+    graded = []
+    if gradable:
+        with process_pool(min(jobs, len(gradable))) as pool:
+            graded = list(pool.map(functools.partial(_grade_one, workdir, limits=limits, use_sandbox=use_sandbox,
+                                                     notebook_s=notebook_s, progress=progress), gradable))
     for sub, (result, outcome) in zip(gradable, graded, strict=True):
         if outcome is not None:
             _record(config, sub, result, outcome)
@@ -345,6 +341,8 @@ def grade(submissions: Path, *, timeout: int = DEFAULT_TIMEOUT, keep: Path | Non
     """Grade every submission under ``submissions``; return one Result per row.
 
     Raises :class:`SandboxUnavailable` when ``use_sandbox`` and bubblewrap cannot run here.
+    Submissions are graded in ``jobs`` worker processes started with ``spawn``: a script
+    that calls this function needs the ``if __name__ == "__main__":`` guard.
     """
     limits = Limits(cell_s=timeout, call_s=timeout,
                     **({"memory_bytes": memory_bytes} if memory_bytes else {}))

@@ -491,3 +491,16 @@ def test_nbgrader_config_keeps_nbgrader_out_of_the_repo(tmp_path) -> None:
 
     raw = PyFileConfigLoader("nbgrader_config.py", path=str(ROOT)).load_config()
     assert not Path(raw.CourseDirectory.root).resolve().is_relative_to(ROOT)
+
+
+def test_submissions_are_graded_in_worker_processes_with_stdout_silenced(capfd) -> None:
+    """Not threads: those share CPython 3.11's AST recursion counter (see grader.process_pool)."""
+    import os
+
+    from autograder import grader
+
+    with grader.process_pool(2) as pool:
+        pids = {pool.submit(os.getpid).result() for _ in range(3)}
+        pool.submit(print, "a hidden check's line").result()
+    assert pids and os.getpid() not in pids
+    assert "hidden check" not in capfd.readouterr().out
