@@ -169,6 +169,13 @@ def process_pool(jobs: int) -> ProcessPoolExecutor:
                                initializer=_quiet)
 
 
+# Exceptions of the hidden test's own code that no returned value can cause: a bug in the
+# test (NameError), a missing module or file, a broken interpreter. They must not cost the
+# student the test's points; the submission is reported as the grader's error instead.
+# (TypeError, ValueError, AttributeError, ...: a value of the wrong kind, the student's.)
+GRADER_FAULTS = (NameError, ImportError, OSError, SystemError, SyntaxError)
+
+
 def grade_notebook(lesson: str, nb: nbformat.NotebookNode, *, workdir: Path,
                    sources: Sources | None = None, limits: sandbox.Limits | None = None,
                    use_sandbox: bool = True, notebook_s: float = 600.0) -> NotebookResult:
@@ -207,6 +214,9 @@ def grade_notebook(lesson: str, nb: nbformat.NotebookNode, *, workdir: Path,
                 outcome.message = str(exc)
             except AssertionError as exc:  # grading.check: the value is wrong
                 outcome.message = str(exc)
+            except GRADER_FAULTS as exc:  # the hidden test's own failure: no score, a human looks
+                raise GraderError(f"{lesson}, hidden test {grade_id} failed in the grader: "
+                                  f"{type(exc).__name__}: {exc}") from exc
             except Exception as exc:  # the returned value could not even be compared
                 outcome.message = f"the returned value could not be checked: {type(exc).__name__}: {exc}"
             else:

@@ -234,3 +234,39 @@ def test_the_courses_own_solutions_raise_no_flags(lesson: str) -> None:
     for cell in read(SOLUTIONS / f"{lesson}.ipynb").cells:
         if is_exercise_cell(cell):
             assert flags.code_flags(cell.source) == [], (lesson, cell.metadata["nbgrader"]["grade_id"])
+
+
+# ------------------------------------------------------------------ verdicts
+
+
+@pytest.mark.parametrize(("error", "grader_fault"), [
+    (NameError("name 'expected' is not defined"), True),
+    (ModuleNotFoundError("No module named 'onnx'"), True),
+    (SystemError("AST constructor recursion depth mismatch"), True),
+    (FileNotFoundError("data/mnist_test.npz"), True),
+    (TypeError("'NoneType' object is not subscriptable"), False),
+    (AttributeError("'list' object has no attribute 'shape'"), False),
+])
+def test_a_failing_hidden_test_is_the_graders_fault_or_the_students(monkeypatch, tmp_path, error,
+                                                                    grader_fault) -> None:
+    """A bug of the hidden test never silently costs the student points; a wrong value does."""
+    from autograder import grader, hidden
+    from autograder.session import GraderError
+
+    lesson = "01_affine_map"
+    _, points, _ = grader.lesson_layout(lesson)
+    tests = hidden.HiddenTests(lesson)
+
+    def fails(student) -> None:
+        raise error
+
+    for grade_id in points:
+        tests.case(grade_id)(fails)
+    monkeypatch.setattr(grader.hidden, "load", lambda _: tests)
+    nb = read(SOLUTIONS / f"{lesson}.ipynb")
+    if grader_fault:
+        with pytest.raises(GraderError, match=f"failed in the grader: {type(error).__name__}"):
+            grader.grade_notebook(lesson, nb, workdir=tmp_path, use_sandbox=False)
+    else:
+        result = grader.grade_notebook(lesson, nb, workdir=tmp_path, use_sandbox=False)
+        assert all(t.points == 0 and "could not be checked" in t.message for t in result.tests.values())
