@@ -161,8 +161,9 @@ def process_pool(jobs: int) -> ProcessPoolExecutor:
     another thread builds one can fail with "SystemError: AST constructor recursion depth
     mismatch". Grading builds trees all the time, much of it outside this package (np.load
     parses each .npy header with ast.literal_eval; importing torch and running
-    torch.export parse source), and CI met the error in threads: the batch's set-up
-    failed in one thread while another imported torch. Each process has its own counter.
+    torch.export parse source), and CI met the error with threads: one thread's parse of
+    course_lib failed while the other was grading, and the whole batch errored. Each
+    process has its own counter.
     Started with "spawn": the grader may hold threads (pytest-xdist's), which fork must not copy.
     """
     return ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=multiprocessing.get_context("spawn"),
