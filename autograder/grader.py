@@ -132,20 +132,10 @@ def _preload_modules(setup: str) -> tuple[str, ...]:
     return tuple(sorted(outside))
 
 
-class Sources:
-    """Each hidden test's course_lib sources (its references disabled), built once per process."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, str], tuple[dict[str, str], list[str]]] = {}
-
-    def get(self, lesson: str, case: hidden.Case) -> tuple[dict[str, str], list[str]]:
-        key = (lesson, case.grade_id)
-        if key not in self._cache:
-            self._cache[key] = sandbox.course_sources(case.disabled)
-        return self._cache[key]
-
-
-_SOURCES = Sources()
+@functools.cache
+def course_sources(disabled: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """A hidden test's course_lib sources (its ``disabled`` references off), built once per process."""
+    return sandbox.course_sources(disabled)
 
 
 def _quiet() -> None:
@@ -177,12 +167,10 @@ def process_pool(jobs: int) -> ProcessPoolExecutor:
 GRADER_FAULTS = (NameError, ImportError, OSError, SystemError, SyntaxError)
 
 
-def grade_notebook(lesson: str, nb: nbformat.NotebookNode, *, workdir: Path,
-                   sources: Sources | None = None, limits: sandbox.Limits | None = None,
+def grade_notebook(lesson: str, nb: nbformat.NotebookNode, *, workdir: Path, limits: sandbox.Limits | None = None,
                    use_sandbox: bool = True, notebook_s: float = 600.0) -> NotebookResult:
     """Run every hidden test of ``lesson`` against the exercise cells of ``nb``."""
     limits = limits or sandbox.Limits()
-    sources = sources or _SOURCES
     tests = hidden.load(lesson)
     setup, points, exercise_ids = lesson_layout(lesson)
     missing = set(points) - set(tests.cases)
@@ -204,7 +192,7 @@ def grade_notebook(lesson: str, nb: nbformat.NotebookNode, *, workdir: Path,
                 outcome.message = f"not run: the notebook's {notebook_s:g} s time limit was used up"
                 continue
             case = tests.cases[grade_id]
-            course, in_memory = sources.get(lesson, case)
+            course, in_memory = course_sources(case.disabled)
             student = Student(box, program, course, in_memory,
                               call_s=None if case.timeout is None else max(case.timeout, limits.call_s))
             try:
